@@ -1,0 +1,286 @@
+"""Frozen, typed description of a training job: the schema of the YAML config.
+
+Units live in field names (`time_min`, `mem_gb`, `shm_gb`). Validation of types and
+bounds is driven from here by `schema.py`; cross-field rules live in `problems()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Problems = Iterator[tuple[str, str]]
+
+BUILTIN_MODELS = ("mlp", "cnn", "transformer")
+CALLABLE_PATTERN = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+CALLABLE_HELP = "'package.module:function'"
+
+
+def _meta(**kw: Any) -> dict[str, Any]:
+    return kw
+
+
+@dataclass(frozen=True)
+class EntrypointSpec:
+    """What runs in every process: a script, a callable, or (neither) the built-in trainer."""
+
+    script: str | None = None
+    args: tuple[str, ...] = ()
+    callable: str | None = field(
+        default=None, metadata=_meta(pattern=CALLABLE_PATTERN, pattern_help=CALLABLE_HELP)
+    )
+    python: str = "python3"
+
+    @property
+    def kind(self) -> Literal["script", "callable", "trainer"]:
+        if self.script:
+            return "script"
+        if self.callable:
+            return "callable"
+        return "trainer"
+
+    def problems(self) -> Problems:
+        if self.script and self.callable:
+            yield "callable", "give either 'script' or 'callable', not both"
+        if self.args and not self.script:
+            yield "args", "args are only for a 'script' entrypoint"
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """What one job asks for. Processes per node default to GPUs per node (or 1 on CPU)."""
+
+    nodes: int = field(default=1, metadata=_meta(min=1, max=4096))
+    procs_per_node: int | None = field(default=None, metadata=_meta(min=1, max=1024))
+    gpus_per_node: int = field(default=0, metadata=_meta(min=0, max=64))
+    cpus_per_proc: int | None = field(default=None, metadata=_meta(min=1, max=1024))
+    mem_gb: float | None = field(default=None, metadata=_meta(min=0.001))
+    time_min: int = field(default=60, metadata=_meta(min=1))
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.procs_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def problems(self) -> Problems:
+        if self.gpus_per_node and self.procs_per_node and self.procs_per_node > self.gpus_per_node:
+            yield (
+                "procs_per_node",
+                f"more processes ({self.procs_per_node}) than GPUs per node "
+                f"({self.gpus_per_node}): use one process per GPU",
+            )
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """DataLoader settings; null means "pick from the hardware where the job runs"."""
+
+    num_workers: int | None = field(default=None, metadata=_meta(min=0, max=256))
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    prefetch_factor: int | None = field(default=None, metadata=_meta(min=1, max=64))
+    # Size of one sample in bytes, to size shared memory for worker batches (docker shm).
+    sample_bytes: int | None = field(default=None, metadata=_meta(min=1))
+
+
+@dataclass(frozen=True)
+class ParamGroupSpec:
+    """Parameters whose name matches `pattern` (fnmatch) get their own lr / weight decay."""
+
+    pattern: str
+    lr: float | None = field(default=None, metadata=_meta(min=0.0))
+    weight_decay: float | None = field(default=None, metadata=_meta(min=0.0))
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = field(default=1e-3, metadata=_meta(min=0.0))
+    weight_decay: float = field(default=0.01, metadata=_meta(min=0.0))
+    betas: tuple[float, ...] = (0.9, 0.999)
+    momentum: float = field(default=0.9, metadata=_meta(min=0.0))
+    # Parameter names containing one of these get no weight decay (biases and norms).
+    no_decay: tuple[str, ...] = ("bias", "norm")
+    groups: tuple[ParamGroupSpec, ...] = ()
+
+    def problems(self) -> Problems:
+        if len(self.betas) != 2:
+            yield "betas", f"expected two numbers, got {len(self.betas)}"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = field(default=0, metadata=_meta(min=0))
+    min_lr_ratio: float = field(default=0.0, metadata=_meta(min=0.0, max=1.0))
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The built-in trainer: model, data, batch sizes, precision, checkpoints."""
+
+    model: str = "mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # null: the model's own synthetic dataset; or 'package.module:build_dataset'.
+    dataset: str | None = None
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    deterministic: bool = False
+    steps: int = field(default=100, metadata=_meta(min=1))
+    global_batch_size: int = field(default=32, metadata=_meta(min=1))
+    # Per process per step; null: global_batch_size / world_size (no accumulation).
+    micro_batch_size: int | None = field(default=None, metadata=_meta(min=1))
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    grad_clip: float | None = field(default=None, metadata=_meta(min=0.0))
+    activation_checkpointing: tuple[str, ...] = ()
+    checkpoint_every: int = field(default=50, metadata=_meta(min=1))
+    keep_last: int = field(default=3, metadata=_meta(min=1))
+    resume: bool = True
+    log_every: int = field(default=10, metadata=_meta(min=1))
+
+    def problems(self) -> Problems:
+        if ":" not in self.model and self.model not in BUILTIN_MODELS:
+            yield (
+                "model",
+                f"expected one of {', '.join(BUILTIN_MODELS)} or {CALLABLE_HELP}, "
+                f"got {self.model!r}",
+            )
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """Processes on this machine."""
+
+    master_addr: str = "127.0.0.1"
+    # null: a free port picked at launch.
+    master_port: int | None = field(default=None, metadata=_meta(min=1, max=65535))
+    # How long ranks get after SIGTERM before SIGKILL when the run is stopped.
+    stop_grace_s: float = field(default=5.0, metadata=_meta(min=0.0))
+
+
+@dataclass(frozen=True)
+class DockerSpec:
+    """A container on this machine through the docker SDK."""
+
+    image: str | None = None
+    gpu_ids: tuple[str, ...] = ()
+    # null: sized from the loader picks; or give it; or share the host's IPC namespace.
+    shm_gb: float | None = field(default=None, metadata=_meta(min=0.001))
+    ipc_host: bool = False
+    # "host_path:container_path[:ro]"
+    mounts: tuple[str, ...] = ()
+    user: str | None = None
+    cpus: float | None = field(default=None, metadata=_meta(min=0.01))
+    network_host: bool = True
+    workdir: str = "/workspace"
+    auto_remove: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Run the Slurm tasks in an image through pyxis (enroot)."""
+
+    image: str
+    mounts: tuple[str, ...] = ()
+    workdir: str | None = None
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """sbatch settings, passed through submitit's SlurmExecutor."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    # Extra `#SBATCH --key=value` lines.
+    extra: dict[str, str] = field(default_factory=dict)
+    # Shell lines run before the tasks start (module load, venv activate), verbatim.
+    setup: tuple[str, ...] = ()
+    srun_args: tuple[str, ...] = ()
+    max_requeue: int = field(default=3, metadata=_meta(min=0, max=100))
+    # Slurm sends USR2 this long before the time limit so the job can checkpoint.
+    signal_delay_s: int = field(default=90, metadata=_meta(min=0))
+    container: ContainerSpec | None = None
+    # Sweeps: max running array tasks (%N) and the cluster's MaxArraySize if known.
+    array_parallelism: int | None = field(default=None, metadata=_meta(min=1))
+    max_array_size: int | None = field(default=None, metadata=_meta(min=1))
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """The training image built from docker/ by `launcher build`."""
+
+    repository: str = "launcher-train"
+    base_image: str | None = None
+    dockerfile: str = "docker/Dockerfile"
+    build_args: dict[str, str] = field(default_factory=dict)
+    wheelhouse: str | None = None
+    ca_cert: str | None = None
+    registry: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSourceSpec:
+    """One dataset file or folder: from Google Drive, a URL, or a local path."""
+
+    name: str
+    gdrive: str | None = None
+    url: str | None = None
+    path: str | None = None
+    sha256: str | None = field(
+        default=None, metadata=_meta(pattern=r"[0-9a-fA-F]{64}", pattern_help="64 hex digits")
+    )
+    md5: str | None = field(
+        default=None, metadata=_meta(pattern=r"[0-9a-fA-F]{32}", pattern_help="32 hex digits")
+    )
+    extract: bool = False
+    folder: bool = False
+
+    def problems(self) -> Problems:
+        given = [k for k in ("gdrive", "url", "path") if getattr(self, k)]
+        if len(given) != 1:
+            yield "gdrive", "give exactly one of 'gdrive', 'url' or 'path'"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    sources: tuple[DataSourceSpec, ...] = ()
+    cache_dir: str = "~/.cache/launcher/data"
+    fetch_at_start: bool = True
+    retries: int = field(default=3, metadata=_meta(min=0, max=20))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A whole job. Built by `config.load`; never mutated (plans return new objects)."""
+
+    name: str = field(metadata=_meta(pattern=r"[^\x00/]+", pattern_help="a name without '/'"))
+    entrypoint: EntrypointSpec = field(default_factory=EntrypointSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    backend: Literal["local", "docker", "slurm"] = "local"
+    env: dict[str, str] = field(default_factory=dict)
+    # Where the job's processes start (relative to the config file's folder); null: cwd.
+    workdir: str | None = None
+    runs_dir: str = "runs"
+    loader: LoaderSpec = field(default_factory=LoaderSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    local: LocalSpec = field(default_factory=LocalSpec)
+    docker: DockerSpec = field(default_factory=DockerSpec)
+    slurm: SlurmSpec = field(default_factory=SlurmSpec)
+    image: ImageSpec = field(default_factory=ImageSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    # Validated by sweep.py (its keys are dotted paths into this schema).
+    sweep: dict[str, Any] | None = None
+
+    def problems(self) -> Problems:
+        for key in self.env:
+            if not key.replace("_", "a").isalnum() or key[0].isdigit():
+                yield f"env.{key}", "environment variable names are letters, digits and '_'"
