@@ -30,7 +30,8 @@ class EntrypointSpec:
     callable: str | None = field(
         default=None, metadata=_meta(pattern=CALLABLE_PATTERN, pattern_help=CALLABLE_HELP)
     )
-    python: str = "python3"
+    # Interpreter for the job's processes; null: the one running `launcher`.
+    python: str | None = None
 
     @property
     def kind(self) -> Literal["script", "callable", "trainer"]:
