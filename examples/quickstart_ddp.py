@@ -50,8 +50,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"params-rank{rank}.json").write_text(
-        json.dumps({"rank": rank, "world_size": world, "sha256": digest,
-                    "final_loss": loss.item(), "seconds": time.perf_counter() - start})
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": world,
+                "sha256": digest,
+                "final_loss": loss.item(),
+                "seconds": time.perf_counter() - start,
+            }
+        )
     )
     if rank == 0:
         ckpt = out / "checkpoints"

@@ -1,6 +1,6 @@
 """What the machine a job runs on can give its DataLoaders, and what to pick from that.
 
-Pure standard library (psutil only if present), no torch: the submit side uses it for
+Pure standard library, no torch: the submit side uses it for
 `launcher hw` and `--dry-run`, and the job side uses it where the job really runs.
 GPUs are counted with `nvidia-smi -L` (or CUDA_VISIBLE_DEVICES), never by importing torch.
 """
@@ -120,14 +120,9 @@ def detect_memory() -> int | None:
         if text.isdigit() and int(text) < 1 << 60:
             limits.append(int(text))
     try:
-        import psutil
-
-        limits.append(psutil.virtual_memory().total)
-    except ImportError:
-        try:
-            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError):
-            pass
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError):
+        pass
     return min(limits) if limits else None
 
 

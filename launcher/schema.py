@@ -88,9 +88,11 @@ def convert(tp: Any, value: Any, *, file: str | None, key: str) -> Any:
             if type(None) in args:
                 return None
             raise bad()
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            # Only one real type: its own (more precise) error is the one to show.
+            return convert(options[0], value, file=file, key=key)
+        for arg in options:
             try:
                 return convert(arg, value, file=file, key=key)
             except ConfigError:

@@ -230,11 +230,24 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class DataSourceSpec:
-    """One dataset file or folder: from Google Drive, a URL, or a local path."""
+    """One dataset file or folder: from Google Drive, an http(s) URL, or a local path.
 
-    name: str
+    Fetched into `<cache_dir>/<name>/` (a file keeps its name there; an archive with
+    `extract: true` or a Drive folder becomes that folder's content).
+    """
+
+    name: str = field(
+        metadata=_meta(
+            pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+            pattern_help="a name of letters, digits, '.', '_' or '-'",
+        )
+    )
+    # A Drive file or folder id, or a drive.google.com link (fetched through gdown).
     gdrive: str | None = None
-    url: str | None = None
+    url: str | None = field(
+        default=None, metadata=_meta(pattern=r"https?://\S+", pattern_help="an http(s):// URL")
+    )
+    # A file or folder on this machine (relative: to the config file's folder).
     path: str | None = None
     sha256: str | None = field(
         default=None, metadata=_meta(pattern=r"[0-9a-fA-F]{64}", pattern_help="64 hex digits")
@@ -242,21 +255,91 @@ class DataSourceSpec:
     md5: str | None = field(
         default=None, metadata=_meta(pattern=r"[0-9a-fA-F]{32}", pattern_help="32 hex digits")
     )
+    # Unpack a zip or tar(.gz/.bz2/.xz) archive; the source's path is then the folder.
     extract: bool = False
+    # The Drive id is a folder (implied by a .../drive/folders/... link).
     folder: bool = False
+    # File name to store under; null: from the URL or from Drive.
+    filename: str | None = field(
+        default=None,
+        metadata=_meta(pattern=r"[^/\\\x00]+", pattern_help="a file name without '/'"),
+    )
+
+    # Not fields (no annotation): how a Drive id and a Drive link look.
+    DRIVE_ID = r"[-\w]{10,}"
+    DRIVE_URL = (
+        r"https?://(?:drive|docs)\.google\.com/(?:"
+        r"(?:file/(?:u/\d+/)?d/|drive/(?:u/\d+/)?folders/)(?P<path_id>[-\w]{10,})"
+        r"|.*[?&]id=(?P<query_id>[-\w]{10,}))"
+    )
+
+    @staticmethod
+    def drive_id(value: str) -> tuple[str, bool] | None:
+        """Drive id and "is a folder" from an id or a drive.google.com link; None if neither.
+
+        A regex, not gdown, so validating a config and `--help` stay fast.
+        """
+        import re
+
+        value = value.strip()
+        if re.fullmatch(DataSourceSpec.DRIVE_ID, value):
+            return value, False
+        match = re.match(DataSourceSpec.DRIVE_URL, value)
+        if not match:
+            return None
+        return match["path_id"] or match["query_id"], "/folders/" in value
+
+    @property
+    def is_folder(self) -> bool:
+        found = self.drive_id(self.gdrive) if self.gdrive else None
+        return self.folder or bool(found and found[1])
 
     def problems(self) -> Problems:
         given = [k for k in ("gdrive", "url", "path") if getattr(self, k)]
         if len(given) != 1:
             yield "gdrive", "give exactly one of 'gdrive', 'url' or 'path'"
+            return
+        if self.gdrive and self.drive_id(self.gdrive) is None:
+            yield (
+                "gdrive",
+                f"expected a Google Drive id or a drive.google.com link, got {self.gdrive!r}",
+            )
+        if self.folder and not self.gdrive:
+            yield "folder", "'folder: true' is for a 'gdrive' folder id"
+        if self.is_folder and (self.sha256 or self.md5):
+            yield "sha256", "a checksum is for one file, not a Drive folder"
+        if self.is_folder and self.extract:
+            yield "extract", "'extract' is for an archive file, not a Drive folder"
+        if self.filename and (self.path or self.is_folder):
+            yield "filename", "'filename' is for a downloaded file ('gdrive' file or 'url')"
+        if self.filename in (".", ".."):
+            yield "filename", f"expected a file name, got {self.filename!r}"
 
 
 @dataclass(frozen=True)
 class DataSpec:
+    """Data every node needs before training: fetched once per cache, checksummed."""
+
     sources: tuple[DataSourceSpec, ...] = ()
+    # Relative: to the config file's folder. Put it on a shared filesystem to fetch once
+    # per cluster, or on node-local disk to fetch once per node.
     cache_dir: str = "~/.cache/launcher/data"
+    # Fetch (or check the cache) in the job before training starts.
     fetch_at_start: bool = True
+    # Extra attempts after a failed download, waiting backoff_s, 2x, 4x ... (max 60 s).
     retries: int = field(default=3, metadata=_meta(min=0, max=20))
+    backoff_s: float = field(default=2.0, metadata=_meta(min=0.0, max=600.0))
+    # Seconds without a byte from the server before an attempt counts as failed.
+    timeout_s: float = field(default=60.0, metadata=_meta(min=0.1))
+    # Re-hash cached files on every fetch (slow for big files; catches bit rot on the cache).
+    rehash: bool = False
+
+    def problems(self) -> Problems:
+        seen: set[str] = set()
+        for i, source in enumerate(self.sources):
+            if source.name in seen:
+                yield f"sources[{i}].name", f"duplicate source name {source.name!r}"
+            seen.add(source.name)
 
 
 @dataclass(frozen=True)
