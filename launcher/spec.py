@@ -92,13 +92,15 @@ class LoaderSpec:
 class ParamGroupSpec:
     """Parameters whose name matches `pattern` (fnmatch) get their own lr / weight decay."""
 
-    pattern: str
+    pattern: str = field(metadata=_meta(pattern=r".+", pattern_help="a non-empty name pattern"))
     lr: float | None = field(default=None, metadata=_meta(min=0.0))
     weight_decay: float | None = field(default=None, metadata=_meta(min=0.0))
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """The optimizer of the built-in trainer and how parameters are grouped."""
+
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = field(default=1e-3, metadata=_meta(min=0.0))
     weight_decay: float = field(default=0.01, metadata=_meta(min=0.0))
@@ -106,52 +108,112 @@ class OptimizerSpec:
     momentum: float = field(default=0.9, metadata=_meta(min=0.0))
     # Parameter names containing one of these get no weight decay (biases and norms).
     no_decay: tuple[str, ...] = ("bias", "norm")
+    # One-dimensional parameters (biases, norm scales such as `bn1.weight`) get no weight decay.
+    no_decay_1d: bool = True
+    # The first group whose pattern matches a parameter's name wins.
     groups: tuple[ParamGroupSpec, ...] = ()
 
     def problems(self) -> Problems:
         if len(self.betas) != 2:
             yield "betas", f"expected two numbers, got {len(self.betas)}"
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                yield f"betas[{i}]", f"must be >= 0 and < 1, got {beta!r}"
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
+    """LR schedule over `train.steps`: linear warmup, then constant or cosine decay."""
+
     name: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = field(default=0, metadata=_meta(min=0))
+    # Cosine decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = field(default=0.0, metadata=_meta(min=0.0, max=1.0))
+
+
+COLLATES = ("auto", "default", "pad")
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     """The built-in trainer: model, data, batch sizes, precision, checkpoints."""
 
+    # A built-in model (mlp, cnn, transformer) or 'package.module:build_model'.
     model: str = "mlp"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # null: the model's own synthetic dataset; or 'package.module:build_dataset'.
-    dataset: str | None = None
+    dataset: str | None = field(
+        default=None, metadata=_meta(pattern=CALLABLE_PATTERN, pattern_help=CALLABLE_HELP)
+    )
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    # auto: the dataset's `collate_fn` attribute, else the built-in model's, else default;
+    # pad: dynamic padding (launcher.runtime.loader.pad_collate); or 'package.module:fn'.
+    collate: str = "auto"
+    # Call the model as model(**batch) for mapping batches (Hugging Face style).
+    batch_as_kwargs: bool = False
+    seed: int = field(default=0, metadata=_meta(min=0, max=2**32 - 1))
     deterministic: bool = False
+    # Optimizer steps (each one global_batch_size samples).
     steps: int = field(default=100, metadata=_meta(min=1))
     global_batch_size: int = field(default=32, metadata=_meta(min=1))
-    # Per process per step; null: global_batch_size / world_size (no accumulation).
+    # Per process per micro step; null: global_batch_size / world_size (no accumulation).
     micro_batch_size: int | None = field(default=None, metadata=_meta(min=1))
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     grad_clip: float | None = field(default=None, metadata=_meta(min=0.0))
+    # Submodule names (fnmatch patterns, e.g. 'encoder.layers.*') recomputed in backward.
     activation_checkpointing: tuple[str, ...] = ()
     checkpoint_every: int = field(default=50, metadata=_meta(min=1))
     keep_last: int = field(default=3, metadata=_meta(min=1))
     resume: bool = True
+    # Console log every N steps (metrics.jsonl gets every step).
     log_every: int = field(default=10, metadata=_meta(min=1))
+    # How long a collective (process group init, all-reduce) may wait for the other ranks.
+    dist_timeout_s: int = field(default=1800, metadata=_meta(min=10))
 
     def problems(self) -> Problems:
+        import re
+
         if ":" not in self.model and self.model not in BUILTIN_MODELS:
             yield (
                 "model",
                 f"expected one of {', '.join(BUILTIN_MODELS)} or {CALLABLE_HELP}, "
                 f"got {self.model!r}",
             )
+        elif ":" in self.model:
+            if not re.fullmatch(CALLABLE_PATTERN, self.model):
+                yield "model", f"expected {CALLABLE_HELP}, got {self.model!r}"
+            elif self.dataset is None:
+                yield "dataset", f"a custom model needs a dataset: {CALLABLE_HELP}"
+        if self.collate not in COLLATES:
+            if not re.fullmatch(CALLABLE_PATTERN, self.collate):
+                yield (
+                    "collate",
+                    f"expected one of {', '.join(COLLATES)} or {CALLABLE_HELP}, "
+                    f"got {self.collate!r}",
+                )
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size > self.global_batch_size:
+                yield (
+                    "micro_batch_size",
+                    f"must be <= global_batch_size ({self.global_batch_size}), "
+                    f"got {self.micro_batch_size}",
+                )
+            elif self.global_batch_size % self.micro_batch_size:
+                yield (
+                    "micro_batch_size",
+                    f"must divide global_batch_size ({self.global_batch_size}), "
+                    f"got {self.micro_batch_size}",
+                )
+        if self.schedule.warmup_steps > self.steps:
+            yield (
+                "schedule.warmup_steps",
+                f"must be <= steps ({self.steps}), got {self.schedule.warmup_steps}",
+            )
+        for i, name in enumerate(self.activation_checkpointing):
+            if not name.strip():
+                yield f"activation_checkpointing[{i}]", "expected a submodule name pattern"
 
 
 @dataclass(frozen=True)
@@ -188,8 +250,11 @@ class ContainerSpec:
     """Run the Slurm tasks in an image through pyxis (enroot)."""
 
     image: str
+    # "host_path:container_path[:ro]"; the run dir and workdir are mounted as well.
     mounts: tuple[str, ...] = ()
     workdir: str | None = None
+    # Interpreter inside the image.
+    python: str = "python3"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,536 @@
+"""The built-in trainer: one loop with what every DDP job needs, driven by `train:` in the config.
+
+distributed init -> seed -> model/dataset (built-in or the user's hooks) -> optimizer groups and
+LR schedule -> resume from the newest checkpoint -> steps of `global_batch_size` samples made of
+micro batches (`no_sync` on all but the last), bf16/fp16/fp32 -> metrics per step, atomic
+checkpoints, and on SIGUSR1/SIGUSR2/SIGTERM: finish the step, checkpoint, return `preempted`.
+
+Stopping is agreed between ranks without a blocking collective per step: each step posts an
+asynchronous all-reduce of [stop flag, previous step's loss] on a gloo side group and waits for
+it only after its own forward/backward, so the ranks stop after the same step. A signal is
+acted on after the step in progress (or, with several ranks, at most one step later).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.errors import ConfigError
+from launcher.runtime import EXIT_OK, REQUEUE_EXIT_CODE, STOP_SIGNALS, dist, models
+from launcher.runtime import checkpoint as ckpt
+from launcher.runtime.loader import make_loader, resolve_picks
+from launcher.runtime.optim import (
+    apply_activation_checkpointing,
+    build_optimizer,
+    build_scheduler,
+)
+from launcher.runtime.seed import (
+    configure_determinism,
+    get_rng_state,
+    rank_seed,
+    seed_everything,
+    set_rng_state,
+)
+from launcher.schema import to_dict
+from launcher.spec import JobSpec, TrainSpec
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a call to `train` ended; `exit_code` is what `python -m launcher.runtime` returns."""
+
+    steps_done: int
+    final_loss: float | None
+    preempted: bool
+    checkpoint: Path | None
+    resumed_from: Path | None
+    world_size: int
+    samples_per_s: float | None
+    signal: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return REQUEUE_EXIT_CODE if self.preempted else EXIT_OK
+
+
+class StopRequest:
+    """Set by a stop signal (or by calling `request()`); the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        self(signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        return None if self.signum is None else signal.Signals(self.signum).name
+
+    def install(self) -> dict[int, Any]:
+        """Handle the stop signals (main thread only; elsewhere the caller must stop us)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name)
+            previous[signum] = signal.signal(signum, self)
+        return previous
+
+    @staticmethod
+    def restore(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir, rank 0 only: one JSON object per line, flushed per line.
+
+    Step lines: {"step", "epoch", "loss", "lr", "samples_per_s", "step_time_s", "time"}.
+    Event lines carry "event": start, resume, checkpoint, stop, end. After a crash the steps
+    since the last checkpoint are trained (and logged) again: readers keep the last line of
+    each step.
+    """
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.fh = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(record, sort_keys=True) + "\n")
+            self.fh.flush()
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.write({"event": name, "time": round(time.time(), 3), **fields})
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+def batch_plan(train: TrainSpec, world_size: int) -> tuple[int, int]:
+    """(micro batch per process, micro steps per optimizer step) for the global batch."""
+    g = train.global_batch_size
+    if train.micro_batch_size is None:
+        if g % world_size:
+            raise ConfigError(
+                f"must be divisible by the world size ({world_size}), got {g}",
+                key="train.global_batch_size",
+            )
+        return g // world_size, 1
+    b = train.micro_batch_size
+    if g % (b * world_size):
+        raise ConfigError(
+            f"global_batch_size ({g}) must be a multiple of micro_batch_size x world size "
+            f"({b} x {world_size})",
+            key="train.micro_batch_size",
+        )
+    return b, g // (b * world_size)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 / fp16 autocast on this device (CPU or CUDA); fp32 runs as written."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device, non_blocking) for v in batch]
+        return tuple(moved) if isinstance(batch, tuple) else moved
+    return batch
+
+
+class _Control:
+    """Asynchronous all-reduce of [stop flag, loss] on the gloo side group."""
+
+    def __init__(self, ctx: dist.DistContext) -> None:
+        self.group = ctx.control
+        self.world = ctx.env.world_size
+        self.on = ctx.distributed
+
+    def post(self, flag: bool, loss: float) -> tuple[Any, torch.Tensor]:
+        data = torch.tensor([1.0 if flag else 0.0, loss], dtype=torch.float64)
+        if not self.on:
+            return None, data
+        return tdist.all_reduce(data, group=self.group, async_op=True), data
+
+    def wait(self, handle: tuple[Any, torch.Tensor]) -> tuple[bool, float]:
+        work, data = handle
+        if work is not None:
+            work.wait()
+        return bool(data[0] > 0), float(data[1]) / (self.world if self.on else 1)
+
+
+def _maybe_fetch_data(spec: JobSpec, ctx: dist.DistContext) -> None:
+    """Fetch `data.sources` once per node before training (issue 7's launcher.data)."""
+    if not (spec.data.sources and spec.data.fetch_at_start):
+        return
+    try:
+        import launcher.data as data_mod
+    except ImportError:
+        ctx.logger.warning("data.sources given but launcher.data is not available; skipping")
+        return
+    fetch_all = getattr(data_mod, "fetch_all", None)
+    if fetch_all is None:
+        ctx.logger.warning("launcher.data has no fetch_all(); not fetching data.sources")
+        return
+    if ctx.env.local_rank == 0:
+        fetch_all(spec.data)
+    if ctx.distributed:
+        tdist.barrier(group=ctx.control)
+
+
+def _agree_on_checkpoint(folder: Path, ctx: dist.DistContext) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 picks the newest complete checkpoint; every rank loads that same file."""
+    found = ckpt.load_latest(folder, ctx.device, ctx.logger) if ctx.is_main else None
+    choice: list[str | None] = [str(found[0]) if found else None]
+    if ctx.distributed:
+        tdist.broadcast_object_list(choice, src=0, group=ctx.control)
+    if choice[0] is None:
+        return None
+    if found is not None:
+        return found
+    path = Path(choice[0])
+    return path, ckpt.load(path, ctx.device)
+
+
+def train(
+    spec: JobSpec,
+    run_dir: str | Path,
+    *,
+    environ: Mapping[str, str] | None = None,
+    handle_signals: bool = True,
+    stop: StopRequest | None = None,
+) -> TrainResult:
+    """Train (or resume) the job described by `spec.train`, writing into `run_dir`.
+
+    Ranks come from the environment (torchrun or Slurm variables, else one process). With
+    `handle_signals`, SIGUSR1/SIGUSR2/SIGTERM stop the run cleanly with a checkpoint; from
+    another thread, pass a `StopRequest` and call its `request()` instead.
+    """
+    run_dir = Path(run_dir)
+    stop = stop or StopRequest()
+    previous = stop.install() if handle_signals else {}
+    configure_determinism(spec.train.deterministic)  # before CUDA does any work
+    ctx = dist.init(timeout_s=spec.train.dist_timeout_s, environ=environ)
+    try:
+        _maybe_fetch_data(spec, ctx)
+        return _train(spec, run_dir, ctx, stop)
+    finally:
+        dist.teardown(ctx)
+        StopRequest.restore(previous)
+
+
+def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopRequest) -> TrainResult:
+    train = spec.train
+    log = ctx.logger
+    device = ctx.device
+    world, rank = ctx.env.world_size, ctx.env.rank
+    micro, accum = batch_plan(train, world)
+
+    # Same seed on every rank for the model's initial weights.
+    seed_everything(train.seed)
+    built = models.build(train)
+    model = built.model.to(device)
+    wrapped = apply_activation_checkpointing(model, train.activation_checkpointing)
+    optimizer = build_optimizer(model, train.optimizer)
+    scheduler = build_scheduler(optimizer, train.schedule, train.steps)
+    scaler = torch.amp.GradScaler(device.type) if train.precision == "fp16" else None
+
+    uses_gpu = device.type == "cuda"
+    picks = resolve_picks(spec.loader, local_world_size=ctx.env.local_world_size, uses_gpu=uses_gpu)
+    generator = torch.Generator()
+    loader = make_loader(
+        built.dataset,
+        micro,
+        seed=train.seed,
+        collate_fn=built.collate_fn,
+        picks=picks,
+        rank=rank,
+        world_size=world,
+        generator=generator,
+        uses_gpu=uses_gpu,
+    )
+    sampler = loader.sampler
+    micro_per_epoch = sampler.num_samples // micro
+    if micro_per_epoch < accum:
+        raise ConfigError(
+            f"the dataset has {len(built.dataset)} samples, fewer than one step needs "
+            f"({train.global_batch_size})",
+            key="train.global_batch_size",
+        )
+
+    folder = run_dir / CHECKPOINT_DIR
+    step = epoch = samples_in_epoch = 0
+    resumed_from: Path | None = None
+    rng: dict[str, Any] | None = None
+    found = _agree_on_checkpoint(folder, ctx) if train.resume else None
+    if found is not None:
+        resumed_from, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, epoch = int(state["step"]), int(state["epoch"])
+        samples_in_epoch = int(state["samples_in_epoch"])
+        if len(state["rng"]) == world:
+            rng = state["rng"][rank]
+        else:
+            log.warning(
+                "checkpoint was written by %d ranks, now %d: RNG streams restart from the seed",
+                len(state["rng"]),
+                world,
+            )
+        del state
+
+    ddp = model
+    if ctx.distributed:
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if uses_gpu else None,
+            gradient_as_bucket_view=True,
+        )
+    # Per-rank random streams (dropout differs between ranks), or the saved ones on resume.
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        seed_everything(rank_seed(train.seed, rank, step))
+
+    metrics = MetricsLog(run_dir / METRICS_FILE, ctx.is_main)
+    n_params = sum(p.numel() for p in model.parameters())
+    if ctx.is_main:
+        log.info(
+            "%s: %.2fM parameters, %d ranks x micro batch %d x %d accumulation = %d per step, "
+            "%s, loader %s",
+            built.description,
+            n_params / 1e6,
+            world,
+            micro,
+            accum,
+            train.global_batch_size,
+            train.precision,
+            {k: getattr(picks, k) for k in ("num_workers", "pin_memory", "prefetch_factor")},
+        )
+        if wrapped:
+            log.info("activation checkpointing on %s", ", ".join(wrapped))
+    if resumed_from is not None:
+        if ctx.is_main:
+            log.info("resuming from %s (step %d, epoch %d)", resumed_from, step, epoch)
+        metrics.event("resume", step=step, epoch=epoch, checkpoint=str(resumed_from))
+    else:
+        metrics.event(
+            "start",
+            world_size=world,
+            micro_batch_size=micro,
+            accumulation=accum,
+            parameters=n_params,
+            train=to_dict(train),
+        )
+
+    control = _Control(ctx)
+    pending: dict[str, Any] | None = None  # last step's record, waiting for the global loss
+    last_loss: float | None = None
+    last_path: Path | None = None
+    stopping = False
+    run_samples, run_time = 0, 0.0
+    non_blocking = picks.pin_memory and uses_gpu
+
+    def emit(record: dict[str, Any], loss: float) -> None:
+        nonlocal last_loss
+        record["loss"] = loss
+        last_loss = loss
+        metrics.write(record)
+        if ctx.is_main and (record["step"] % train.log_every == 0 or record["step"] == 1):
+            log.info(
+                "step %d/%d loss %.4f lr %.3g %.0f samples/s",
+                record["step"],
+                train.steps,
+                loss,
+                record["lr"],
+                record["samples_per_s"],
+            )
+
+    def save_checkpoint() -> Path:
+        rngs: list[Any] = [None] * world
+        if ctx.distributed:
+            tdist.all_gather_object(rngs, get_rng_state(), group=ctx.control)
+        else:
+            rngs[0] = get_rng_state()
+        path = ckpt.path_for(folder, step)
+        if ctx.is_main:
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "samples_in_epoch": samples_in_epoch,
+                "world_size": world,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rngs,
+                "train": to_dict(train),
+            }
+            path = ckpt.save(folder, step, state, keep_last=train.keep_last)
+            metrics.event("checkpoint", step=step, path=str(path))
+        return path
+
+    try:
+        while step < train.steps and not stopping:
+            start = samples_in_epoch // world
+            micro_left = micro_per_epoch - start // micro
+            if micro_left < accum:
+                epoch, samples_in_epoch = epoch + 1, 0
+                continue
+            sampler.set_epoch(epoch)
+            sampler.set_start(start)
+            # Worker seeds depend on (seed, rank, epoch) only, never on the global RNG.
+            generator.manual_seed(rank_seed(train.seed, rank, epoch))
+            batches = iter(loader)
+            while step < train.steps and micro_left >= accum and not stopping:
+                t0 = time.perf_counter()
+                handle = control.post(stop.requested, pending["loss_local"] if pending else 0.0)
+                total = torch.zeros((), device=device)
+                for i in range(accum):
+                    batch = to_device(next(batches), device, non_blocking)
+                    sync = ddp.no_sync() if ctx.distributed and i < accum - 1 else None
+                    with sync or contextlib.nullcontext():
+                        with autocast(train.precision, device):
+                            if train.batch_as_kwargs and isinstance(batch, Mapping):
+                                out = ddp(**batch)
+                            else:
+                                out = ddp(batch)
+                            loss = models.loss_of(out)
+                        scaled = loss.float() / accum
+                        if scaler is not None:
+                            scaler.scale(scaled).backward()
+                        else:
+                            scaled.backward()
+                    total += loss.detach().float()
+                if train.grad_clip is not None:
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                micro_left -= accum
+                samples_in_epoch += train.global_batch_size
+                loss_local = float(total) / accum
+                flagged, prev_loss = control.wait(handle)
+                dt = time.perf_counter() - t0
+                if step > 1 or resumed_from is not None:
+                    run_samples += train.global_batch_size
+                    run_time += dt
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "samples_per_s": train.global_batch_size / dt,
+                    "step_time_s": dt,
+                    "time": round(time.time(), 3),
+                    "loss_local": loss_local,
+                }
+                if ctx.distributed:
+                    if pending is not None:
+                        pending.pop("loss_local")
+                        emit(pending, prev_loss)
+                    pending = record
+                    stopping = flagged
+                else:
+                    record.pop("loss_local")
+                    emit(record, loss_local)
+                    stopping = stop.requested
+                if not math.isfinite(loss_local) and scaler is None:
+                    log.warning("step %d: loss is %s", step, loss_local)
+                if stopping or step % train.checkpoint_every == 0 or step == train.steps:
+                    if pending is not None:
+                        pending.pop("loss_local")
+                        _, mean = control.wait(control.post(False, loss_local))
+                        emit(pending, mean)
+                        pending = None
+                    last_path = save_checkpoint()
+            if micro_left < accum and not stopping:
+                epoch, samples_in_epoch = epoch + 1, 0
+        if stopping:
+            if ctx.distributed:
+                tdist.barrier(group=ctx.control)  # nobody exits before the checkpoint is in place
+            if ctx.is_main:
+                log.info(
+                    "stopped by %s after step %d; checkpoint %s",
+                    stop.name or "another rank",
+                    step,
+                    last_path,
+                )
+            metrics.event("stop", step=step, signal=stop.name, checkpoint=str(last_path))
+        else:
+            metrics.event("end", step=step, loss=last_loss)
+    finally:
+        metrics.close()
+    return TrainResult(
+        steps_done=step,
+        final_loss=last_loss,
+        preempted=stopping and step < train.steps,
+        checkpoint=last_path,
+        resumed_from=resumed_from,
+        world_size=world,
+        samples_per_s=(run_samples / run_time) if run_time > 0 else None,
+        signal=stop.name,
+    )
+
+
+def run_from_environ(environ: Mapping[str, str] | None = None) -> TrainResult:
+    """What `python -m launcher.runtime` does: config and run dir from LAUNCHER_* variables."""
+    from launcher.config import load_resolved
+
+    environ = os.environ if environ is None else environ
+    config = environ.get("LAUNCHER_CONFIG")
+    if not config:
+        raise ConfigError(
+            "LAUNCHER_CONFIG is not set (the path of the run's resolved config.yaml)",
+            file="<environment>",
+        )
+    run_dir = environ.get("LAUNCHER_RUN_DIR") or str(Path(config).parent)
+    return train(load_resolved(config), Path(run_dir), environ=environ)

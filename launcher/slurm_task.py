@@ -1,0 +1,133 @@
+"""What submitit runs on the cluster for a launcher job (imported only on Slurm).
+
+`StepTask` runs in the batch shell on the first node: it starts ONE `srun` step with
+every rank (optionally inside a pyxis container) and keeps the requeue decision on the
+host side. When Slurm signals the batch shell (USR2 before the time limit, or on
+preemption), submitit calls `checkpoint()`: the signal is forwarded to the step, the
+ranks save a checkpoint and exit, and the job is requeued until `max_requeue` is spent.
+
+`CallableTask` runs the user's callable in every task through submitit, with the
+torchrun-style variables exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from launcher.slurm_env import dist_env_from_slurm
+
+
+def _append_attempt(run_dir: Path, event: dict[str, Any]) -> None:
+    """One JSON line per attempt event; a single small append is atomic on POSIX."""
+    line = json.dumps(event) + "\n"
+    fd = os.open(run_dir / "attempts.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def _attempt_event(run_dir: Path, phase: str, **extra: Any) -> None:
+    _append_attempt(
+        run_dir,
+        {
+            "phase": phase,
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+            "time": time.time(),
+            **extra,
+        },
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+class StepTask(submitit.helpers.Checkpointable):
+    """Host side of a script / built-in-trainer job: one srun step with all ranks."""
+
+    def __init__(
+        self,
+        srun_argv: list[str],
+        run_dir: str,
+        max_requeue: int,
+        grace_s: int,
+        env: dict[str, str],
+    ):
+        self.srun_argv = srun_argv
+        self.run_dir = run_dir
+        self.env = env
+        self.max_requeue = max_requeue
+        self.grace_s = grace_s
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_proc"] = None  # a running process is not part of the requeued job
+        return state
+
+    def __call__(self) -> int:
+        run_dir = Path(self.run_dir)
+        env = {**os.environ, **self.env}
+        env["MASTER_ADDR"] = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        env["MASTER_PORT"] = str(_free_port())
+        _attempt_event(run_dir, "start")
+        self._proc = subprocess.Popen(self.srun_argv, env=env)
+        code = self._proc.wait()
+        _attempt_event(run_dir, "end", exit_code=code)
+        if code != 0:
+            raise RuntimeError(f"the job step exited with code {code} (logs: {run_dir}/logs)")
+        return code
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        """Forward the signal to the ranks, let them save, then ask submitit to requeue."""
+        run_dir = Path(self.run_dir)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGUSR2)  # srun relays it to every task
+            try:
+                proc.wait(timeout=self.grace_s)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if restarts >= self.max_requeue:
+            _attempt_event(run_dir, "signal", requeue=False, reason="max_requeue reached")
+            return None
+        _attempt_event(run_dir, "signal", requeue=True)
+        return super().checkpoint(*args, **kwargs)
+
+
+class CallableTask(submitit.helpers.Checkpointable):
+    """Every task: export the distributed variables, then call the user's function."""
+
+    def __init__(self, ref: str, config_path: str, run_dir: str, workdir: str, env: dict[str, str]):
+        self.ref = ref
+        self.env = env
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.workdir = workdir
+
+    def __call__(self) -> Any:
+        from launcher.call import resolve_callable
+        from launcher.config import load_resolved
+
+        os.environ.update(self.env)
+        os.environ.update(dist_env_from_slurm(os.environ))
+        os.chdir(self.workdir)
+        if os.environ.get("RANK") == "0":
+            _attempt_event(Path(self.run_dir), "start")
+        fn = resolve_callable(self.ref)
+        return fn(load_resolved(self.config_path))
