@@ -184,7 +184,9 @@ def context_files(root: Path) -> list[str]:
         dirnames[:] = keep
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}" if rel_dir else name
-            if not _excluded(rel, patterns):
+            path = os.path.join(dirpath, name)
+            regular = os.path.islink(path) or os.path.isfile(path)  # no sockets or fifos
+            if regular and not _excluded(rel, patterns):
                 files.append(rel)
     # The staged extras always come from the spec, never from a folder of that name.
     return sorted(f for f in files if f != EXTRAS_DIR and not f.startswith(EXTRAS_DIR + "/"))
@@ -456,8 +458,8 @@ def _image(client: docker.DockerClient, ref: str) -> dict[str, Any] | None:
 class _Display:
     """Shows the build as it streams: step N/M and the last lines (live on a terminal)."""
 
-    def __init__(self, console: Console, tag: str) -> None:
-        self.console, self.tag = console, tag
+    def __init__(self, console: Console, title: str) -> None:
+        self.console, self.title = console, title
         self.step, self.total, self.instruction = 0, 0, ""
         self.tail: deque[str] = deque(maxlen=6)
         self.started = time.monotonic()
@@ -475,7 +477,7 @@ class _Display:
             )
             self._live.__enter__()
         else:
-            self.console.print(f"building {self.tag}", highlight=False, markup=False)
+            self.console.print(self.title, highlight=False, markup=False)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -487,7 +489,7 @@ class _Display:
         from rich.text import Text
 
         elapsed = time.monotonic() - self.started
-        head = Text(f"building {self.tag}  ", style="bold")
+        head = Text(f"{self.title}  ", style="bold")
         if self.total:
             head.append(f"step {self.step}/{self.total}", style="cyan")
         head.append(f"  {elapsed:.0f}s", style="dim")
@@ -539,18 +541,27 @@ def _stream_lines(chunks: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[
 def _failure(
     tag: str, step: int, total: int, instruction: str, message: str, log: list[str]
 ) -> BackendError:
-    where = f"step {step}/{total} ({instruction})" if step else "before the first step"
+    where = f"step {step}/{total} ({_one_line(instruction)})" if step else "before the first step"
     hint = ""
-    if step == 1 and instruction.upper().startswith("FROM"):
+    if instruction.upper().startswith("FROM"):
         hint = (
-            "; the base image is not on this machine and could not be pulled: "
-            "make one (scripts/make-base-image.sh) or pass --base-image"
+            "; the base image is not on this machine and could not be pulled: make one "
+            "(scripts/make-base-image.sh NAME:TAG) and pass --base-image NAME:TAG"
         )
-    tail = [t for t in log if t.strip()][-LOG_TAIL_LINES:]
+    if any("CERTIFICATE_VERIFY_FAILED" in t for t in log[-50:]):
+        hint += (
+            "; TLS verification failed inside the build: behind a TLS-intercepting proxy, "
+            "pass its CA bundle with --ca-cert FILE (image.ca_cert)"
+        )
+    # The failing step's own output, without the builder's bookkeeping lines.
+    starts = [i for i, t in enumerate(log) if _STEP.match(t)]
+    own = log[starts[-1] + 1 :] if starts else log
+    noise = ("---> ", "Removing intermediate container")
+    tail = [t for t in own if t.strip() and not t.strip().startswith(noise)][-LOG_TAIL_LINES:]
     body = "\n".join(f"  | {t}" for t in tail)
     return BackendError(
         f"image build of {tag} failed at {where}: {' '.join(message.split())}{hint}"
-        + (f"\n  last lines of the build log:\n{body}" if body else "")
+        + (f"\n  last lines of the step's output:\n{body}" if body else "")
     )
 
 
@@ -600,7 +611,7 @@ def build_image(
         else:
             result = _build(client, spec, root, tag, no_cache, console, started)
         if push_ref:
-            with _Display(console, f"push {push_ref}") as display:
+            with _Display(console, f"pushing {push_ref}") as display:
                 _push(client, result.image_id, push_ref, display)
             result = dataclasses.replace(result, pushed=push_ref)
         return result
@@ -623,7 +634,7 @@ def _build(
     cached: list[int] = []
     step, total, instruction, image_id = 0, 0, "", ""
     step_starts: list[float] = []
-    with tempfile.TemporaryFile() as context, _Display(console, tag) as display:
+    with tempfile.TemporaryFile() as context, _Display(console, f"building {tag}") as display:
         dockerfile = write_context(spec, root, context)
         context.seek(0)
         chunks = client.api.build(
@@ -674,7 +685,7 @@ def _build(
         size_bytes=int(info.get("Size", 0)),
         cached_steps=tuple(cached),
         total_steps=total,
-        step_seconds=tuple(b - a for a, b in zip(step_starts, step_starts[1:])),
+        step_seconds=tuple(b - a for a, b in zip(step_starts, step_starts[1:], strict=False)),
         log=tuple(log),
     )
 

@@ -21,6 +21,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+# Same value as launcher.runtime.REQUEUE_EXIT_CODE (EX_TEMPFAIL); not imported: no torch here.
+REQUEUE_EXIT_CODE = 75
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGCONT)
 
 
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = exits / f".rank{env['RANK']}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, exits / f"rank{env['RANK']}.json")
+    if code == REQUEUE_EXIT_CODE:
+        # The rank saved a checkpoint and stopped for requeue: not a failure, so srun's
+        # --kill-on-bad-exit must not kill the ranks that are still saving.
+        return 0
     return code if code >= 0 else 128 - code
 
 

@@ -2,6 +2,7 @@
 # Shared settings and helpers for slurm/start.sh, stop.sh and status.sh (sourced, not run).
 # Every path and knob comes from the environment so tests and CI can pick their own.
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 SLURM_STATE_DIR=${LAUNCHER_SLURM_DIR:-/var/lib/launcher-slurm}
 SLURM_ETC=/etc/slurm
 SLURM_CLUSTER=${SLURM_CLUSTER_NAME:-launcher}
@@ -32,8 +33,9 @@ slurm_elapsed() {
 # so it counts as stopped.
 slurm_pid_alive() {
     local pidfile=$1 name=$2 pid stat rest state comm
-    [[ -r ${pidfile} ]] || return 1
-    pid=$(tr -dc '0-9' <"${pidfile}")
+    # The daemon may remove its pid file between any two reads.
+    pid=$(cat "${pidfile}" 2>/dev/null) || return 1
+    pid=${pid//[^0-9]/}
     [[ -n ${pid} ]] || return 1
     stat=$(cat "/proc/${pid}/stat" 2>/dev/null) || return 1
     comm=${stat#*(}

@@ -54,7 +54,8 @@ CGROUP_CONF=${D}/etc/cgroup.conf
 export SLURM_CONF=${CONF}
 
 mkdir -p "${D}/etc" "${D}/run" "${D}/log" "${D}/spool" "${D}/state/${SLURM_CLUSTER}"
-# One start at a time: tests may call this script concurrently.
+# One start at a time: tests may call this script concurrently. Daemons are started with
+# 9>&- so they do not inherit (and hold) this lock.
 exec 9>"${D}/start.lock"
 flock -w 300 9 || slurm_die "another slurm/start.sh held ${D}/start.lock for 300 s"
 
@@ -147,6 +148,10 @@ want_dbd=$(render_dbd_conf)
 want_cgroup=$(render_cgroup_conf)
 hosts_line="127.0.0.1 ${NODE_NAMES[*]} # launcher-slurm"
 
+munge_works() {
+    munge -n 2>/dev/null | unmunge >/dev/null 2>&1
+}
+
 file_is() {
     [[ -r $1 ]] && [[ $(cat "$1") == "$2" ]]
 }
@@ -157,10 +162,11 @@ node_states() {
     sinfo -h -N -o '%N %T' 2>/dev/null | sort -u
 }
 
-# A node is up when it responds and can take jobs (or runs one). '*' means not responding.
+# A node is up when it responds and can take jobs (or runs one). '*' means not responding;
+# "planned" (22.05) is an idle node the backfill scheduler holds for a pending job.
 node_ready() {
     case $1 in
-        idle | allocated | mixed | completing) return 0 ;;
+        idle | allocated | mixed | completing | planned | reserved) return 0 ;;
         *) return 1 ;;
     esac
 }
@@ -181,7 +187,7 @@ healthy() {
     file_is "${DBD_CONF}" "${want_dbd}" || return 1
     [[ $(readlink /etc/slurm/slurm.conf 2>/dev/null) == "${CONF}" ]] || return 1
     grep -qxF "${hosts_line}" /etc/hosts || return 1
-    slurm_pid_alive "${MUNGE_PID}" munged >/dev/null || return 1
+    munge_works || return 1
     slurm_pid_alive "${MARIADB_PID}" mariadbd >/dev/null || return 1
     slurm_pid_alive "${D}/run/slurmdbd.pid" slurmdbd >/dev/null || return 1
     slurm_pid_alive "${D}/run/slurmctld.pid" slurmctld >/dev/null || return 1
@@ -240,26 +246,32 @@ if ! grep -qxF "${hosts_line}" /etc/hosts; then
 fi
 
 # --- munge
-if ! slurm_pid_alive "${MUNGE_PID}" munged >/dev/null; then
+if ! munge_works; then
+    slurm_stop_pidfile "${MUNGE_PID}" munged 5
     if [[ ! -s /etc/munge/munge.key ]]; then
         runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
     fi
     install -d -o munge -g munge -m 0755 /run/munge
     rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    runuser -u munge -- /usr/sbin/munged </dev/null >>"${D}/log/munged.out" 2>&1
-    wait_for "munged" /var/log/munge/munged.log bash -c 'munge -n | unmunge'
+    runuser -u munge -- /usr/sbin/munged </dev/null >>"${D}/log/munged.out" 2>&1 9>&-
+    wait_for "munged" /var/log/munge/munged.log munge_works
 fi
 
 # --- MariaDB: no init system here, so it is started by hand.
-if ! slurm_pid_alive "${MARIADB_PID}" mariadbd >/dev/null; then
+mariadb_works() {
+    mariadb-admin --socket="${MARIADB_SOCKET}" ping >/dev/null 2>&1
+}
+if ! mariadb_works; then
+    slurm_stop_pidfile "${MARIADB_PID}" mariadbd 30
     if [[ ! -d /var/lib/mysql/mysql ]]; then
         mariadb-install-db --user=mysql --datadir=/var/lib/mysql >>"${D}/log/mariadb.log" 2>&1
     fi
     install -d -o mysql -g root -m 0755 /run/mysqld
     setsid /usr/sbin/mariadbd --user=mysql --pid-file="${MARIADB_PID}" \
         --socket="${MARIADB_SOCKET}" --bind-address=127.0.0.1 \
-        --innodb-lock-wait-timeout=900 </dev/null >>"${D}/log/mariadb.log" 2>&1 &
-    wait_for "mariadbd" "${D}/log/mariadb.log" mariadb-admin --socket="${MARIADB_SOCKET}" ping
+        --innodb-lock-wait-timeout=900 --innodb-buffer-pool-size=256M \
+        </dev/null >>"${D}/log/mariadb.log" 2>&1 9>&- &
+    wait_for "mariadbd" "${D}/log/mariadb.log" mariadb_works
 fi
 mariadb --socket="${MARIADB_SOCKET}" -u root <<'SQL'
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -283,7 +295,7 @@ if ((dbd_changed)); then
     slurm_stop_pidfile "${D}/run/slurmdbd.pid" slurmdbd
 fi
 if ! slurm_pid_alive "${D}/run/slurmdbd.pid" slurmdbd >/dev/null; then
-    slurmdbd </dev/null >>"${D}/log/slurmdbd.out" 2>&1
+    slurmdbd </dev/null >>"${D}/log/slurmdbd.out" 2>&1 9>&-
 fi
 wait_for "slurmdbd" "${D}/log/slurmdbd.log" sacctmgr -n list cluster
 if [[ -z $(sacctmgr -n -P list cluster "${SLURM_CLUSTER}" format=cluster) ]]; then
@@ -301,20 +313,20 @@ if ((conf_changed)); then
     slurm_stop_pidfile "${D}/run/slurmctld.pid" slurmctld
 fi
 if ! slurm_pid_alive "${D}/run/slurmctld.pid" slurmctld >/dev/null; then
-    slurmctld </dev/null >>"${D}/log/slurmctld.out" 2>&1
+    slurmctld </dev/null >>"${D}/log/slurmctld.out" 2>&1 9>&-
 fi
 wait_for "slurmctld" "${D}/log/slurmctld.log" bash -c 'scontrol ping | grep -q "is UP"'
 for node in "${NODE_NAMES[@]}"; do
     mkdir -p "${D}/spool/${node}"
     if ! slurm_pid_alive "${D}/run/slurmd-${node}.pid" slurmd >/dev/null; then
-        slurmd -N "${node}" </dev/null >>"${D}/log/slurmd-${node}.out" 2>&1
+        slurmd -N "${node}" </dev/null >>"${D}/log/slurmd-${node}.out" 2>&1 9>&-
     fi
 done
 
 # --- wait for every node to be up; resume nodes an earlier run left down or drained.
 for ((i = 0; i < TIMEOUT_S * 5; i++)); do
     all_nodes_ready && break
-    if ((i % 5 == 4)); then
+    if ((i % 5 == 0)); then
         while read -r name state; do
             case ${state} in
                 down | drained | draining | drain | fail | failing)

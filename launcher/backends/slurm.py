@@ -13,6 +13,7 @@ in a pyxis container. Callables run through submitit in every task (`CallableTas
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import subprocess
@@ -121,10 +122,21 @@ def render_sbatch(
     return "\n".join(lines)
 
 
-def submitit_command(folder: Path, python: str | None = None) -> str:
+def submitit_python(step: bool) -> str:
+    """The python command submitit writes into the script.
+
+    In step mode the batch shell `exec`s python: Slurm's `B:USR2` goes to the batch shell
+    only, and bash would die of it instead of letting submitit checkpoint and requeue.
+    """
+    py = shlex.quote(sys.executable)
+    return f"exec {py}" if step else py
+
+
+def submitit_command(folder: Path, step: bool) -> str:
     """What submitit's sbatch script runs: its job runner over the pickled task."""
-    py = python or shlex.quote(sys.executable)
-    return " ".join([py, "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return " ".join(
+        [submitit_python(step), "-u -m submitit.core._submit", shlex.quote(str(folder))]
+    )
 
 
 def _mem(mem_gb: float) -> str:
@@ -205,6 +217,7 @@ def step_argv(spec: JobSpec, run_dir: Path) -> list[str]:
         "--unbuffered",
         f"--output={log}",
         "--kill-on-bad-exit=1",
+        "--open-mode=append",
         *([] if spec.slurm.container else [f"--chdir={spec.workdir}"]),
         *container_args(spec, run_dir),
         *spec.slurm.srun_args,
@@ -238,7 +251,7 @@ class SlurmBackend:
         check(spec, config_file)
         params = executor_params(spec)
         folder = run_dir / "slurm"
-        script = render_sbatch(submitit_command(folder), folder, params)
+        script = render_sbatch(submitit_command(folder, step_mode(spec)), folder, params)
         env = task_env(spec, run_dir)
         payload = {
             "params": params,
@@ -262,8 +275,9 @@ class SlurmBackend:
     ) -> list[str]:
         """Pure: the sbatch script of each array chunk (for --dry-run of a sweep)."""
         params = self._array_params(plans, parallelism)
+        command = submitit_command(folder, step_mode(plans[0].spec))
         return [
-            render_sbatch(submitit_command(folder), folder, params, map_count=len(chunk))
+            render_sbatch(command, folder, params, map_count=len(chunk))
             for chunk in _chunks(plans, max_array_size)
         ]
 
@@ -397,11 +411,55 @@ def prepare_run_dir(plan: Plan) -> None:
     runs.write_record(run_dir, record)
 
 
-def _executor(folder: Path, spec: JobSpec, params: dict[str, Any]):
-    import submitit
+@functools.cache
+def _executor_class():
+    """submitit's SlurmExecutor, but job arrays keep the executor's `python` command.
 
+    submitit 1.5 builds array submissions with a fresh SlurmExecutor that forgets a custom
+    `python` (our `exec python`, needed for B:USR2 in step mode); this keeps it.
+    """
+    import uuid
+
+    import submitit
+    from submitit.core import utils
+
+    class Executor(submitit.SlurmExecutor):
+        def _internal_process_submissions(self, delayed_submissions):
+            if len(delayed_submissions) == 1:
+                return super()._internal_process_submissions(delayed_submissions)
+            folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            timeout_min = self.parameters.get("time", 5)
+            pickle_paths = []
+            for delayed in delayed_submissions:
+                pickle_path = folder / f"{uuid.uuid4().hex}.pkl"
+                delayed.set_timeout(timeout_min, self.max_num_timeout)
+                delayed.dump(pickle_path)
+                pickle_paths.append(pickle_path)
+            array_ex = Executor(self.folder, self.max_num_timeout, python=self.python)
+            array_ex.update_parameters(**self.parameters)
+            array_ex.parameters["map_count"] = len(delayed_submissions)
+            self._throttle()
+            first = array_ex._submit_command(self._submitit_command_str)
+            tasks = list(range(first.num_tasks))
+            jobs = [
+                submitit.SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=tasks)
+                for i in range(len(delayed_submissions))
+            ]
+            for job, pickle_path in zip(jobs, pickle_paths, strict=True):
+                job.paths.move_temporary_file(pickle_path, "submitted_pickle")
+            return jobs
+
+    return Executor
+
+
+def _executor(folder: Path, spec: JobSpec, params: dict[str, Any]):
     try:
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=spec.slurm.max_requeue)
+        executor = _executor_class()(
+            folder=folder,
+            max_num_timeout=spec.slurm.max_requeue,
+            python=submitit_python(step_mode(spec)),
+        )
     except RuntimeError as exc:
         raise BackendError(f"Slurm is not reachable from here ({exc}); try --dry-run") from None
     executor.update_parameters(**params)

@@ -77,7 +77,14 @@ def run_verify_command(
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        # No refresh thread: the check pool can then fork (see verify._pool_context).
+        auto_refresh=False,
     )
+
+    def advance(n: int) -> None:
+        progress.advance(task, n)
+        progress.refresh()
+
     task = progress.add_task("verifying", total=None)
     try:
         with progress:
@@ -87,7 +94,7 @@ def run_verify_command(
                 jobs=jobs,
                 want_hashes=write_manifest,
                 exclude=(target,) if write_manifest else (),
-                progress=lambda n: progress.advance(task, n),
+                progress=advance,
                 on_total=lambda n: progress.update(task, total=n),
             )
     except DataError as exc:

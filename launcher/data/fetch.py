@@ -604,6 +604,12 @@ def _gdown_kwargs(fn: Callable[..., Any], **wanted: Any) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
+def _gdown_errors(gdown: Any) -> tuple[type[Exception], type[Exception]]:
+    """(Drive refused the file, the transfer failed): the second is gdown 6's DownloadError."""
+    refused = gdown.exceptions.FileURLRetrievalError
+    return refused, getattr(gdown.exceptions, "DownloadError", refused)
+
+
 def _gdrive_attempt(
     file_id: str, output: Path, timeout_s: float, *, resume: bool, update: Update
 ) -> Path:
@@ -620,9 +626,10 @@ def _gdrive_attempt(
         progress=update,
     )
     target = str(output) if not output.is_dir() else str(output) + os.sep
+    refused, failed = _gdown_errors(gdown)
     try:
         return Path(gdown.download(id=file_id, output=target, **kwargs))
-    except gdown.exceptions.FileURLRetrievalError as exc:
+    except refused as exc:
         text = _short(exc, 100_000)
         if QUOTA_TEXT in text.lower():
             raise FatalError(QUOTA_MESSAGE) from None
@@ -630,7 +637,7 @@ def _gdrive_attempt(
             "Google Drive did not hand out the file (is it shared as 'Anyone with the link'?): "
             + _short(exc)
         ) from None
-    except gdown.exceptions.DownloadError as exc:
+    except failed as exc:
         if "byte range" in str(exc):
             # The server would not resume: drop the partial file so the next try starts over.
             folder = output if output.is_dir() else output.parent
@@ -676,13 +683,14 @@ def _download_drive_folder(
             skip_download=True,
             timeout=data.timeout_s,
         )
+        refused, failed = _gdown_errors(gdown)
         try:
             return list(gdown.download_folder(id=folder_id, output=str(root), **kwargs) or [])
-        except gdown.exceptions.FileURLRetrievalError as exc:
+        except refused as exc:
             if QUOTA_TEXT in _short(exc, 100_000).lower():
                 raise FatalError(QUOTA_MESSAGE) from None
             raise FatalError(_short(exc)) from None
-        except gdown.exceptions.DownloadError as exc:
+        except failed as exc:
             raise FatalError(
                 f"{_short(exc)} (is the folder shared as 'Anyone with the link'?)"
             ) from None

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -319,9 +321,11 @@ def usable_cpus() -> int:
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # Not fork: the caller may run threads (rich's progress refresher); forkserver forks
-    # workers from a clean single-threaded server instead.
+    """fork when this process has one thread (fast: workers inherit Pillow, already loaded);
+    otherwise forkserver, since forking a process with threads can deadlock a child."""
     methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
@@ -346,13 +350,20 @@ def run_checks(
             if progress:
                 progress(len(batch))
         return results
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context()) as pool:
-        futures = [pool.submit(check_batch, str(root), batch, want_hash) for batch in batches]
-        for future in as_completed(futures):
-            done = future.result()
-            results.extend(done)
-            if progress:
-                progress(len(done))
+    _image_exts()  # load Pillow's plugins once, before forking, not once per worker
+    try:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=_pool_context()) as pool:
+            futures = [pool.submit(check_batch, str(root), b, want_hash) for b in batches]
+            for future in as_completed(futures):
+                done = future.result()
+                results.extend(done)
+                if progress:
+                    progress(len(done))
+    except BrokenProcessPool:
+        raise DataError(
+            f"{root}: a checking process died (out of memory on a huge image?); "
+            "run again with --jobs 1 to see which file"
+        ) from None
     return results
 
 

@@ -15,13 +15,14 @@ import torch
 CUBLAS_DETERMINISTIC = ":4096:8"
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, *, hash_seed: bool = True) -> None:
     """Seed python `random`, numpy and torch (CPU and every CUDA device) with one number.
 
     PYTHONHASHSEED only affects interpreters started after this (DataLoader workers under
     spawn, subprocesses); the launcher also sets it in each rank's environment.
     """
-    os.environ["PYTHONHASHSEED"] = str(seed)
+    if hash_seed:
+        os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device

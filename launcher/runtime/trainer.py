@@ -331,7 +331,7 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
     if rng is not None:
         set_rng_state(rng)
     else:
-        seed_everything(rank_seed(train.seed, rank, step))
+        seed_everything(rank_seed(train.seed, rank, step), hash_seed=False)
 
     metrics = MetricsLog(run_dir / METRICS_FILE, ctx.is_main)
     n_params = sum(p.numel() for p in model.parameters())
@@ -533,4 +533,14 @@ def run_from_environ(environ: Mapping[str, str] | None = None) -> TrainResult:
             file="<environment>",
         )
     run_dir = environ.get("LAUNCHER_RUN_DIR") or str(Path(config).parent)
-    return train(load_resolved(config), Path(run_dir), environ=environ)
+    spec = load_resolved(config)
+    try:
+        return train(spec, Path(run_dir), environ=environ)
+    except ConfigError as exc:
+        if exc.file is not None:
+            raise
+        # Found while building the job (a pattern that matches nothing, a bad kwarg):
+        # name the config file it came from.
+        where = f"<config>: {exc.key}: " if exc.key else "<config>: "
+        message = str(exc).removeprefix(where)
+        raise ConfigError(message, file=config, key=exc.key) from None

@@ -467,10 +467,33 @@ class _Builder:
             raise ConfigError(
                 f"sweep point {index} ({shown}): {_core(exc)}", file=self.file, key=exc.key
             ) from None
-        digest = hashlib.sha256()
-        for name in sorted(parts):
-            digest.update(f"{name}={parts[name]}\n".encode())
-        return Point(index, digest.hexdigest()[:ID_CHARS], overrides, spec)
+        return Point(index, _digest(parts), overrides, spec)
+
+
+def _digest(parts: dict[str, str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        digest.update(f"{name}={parts[name]}\n".encode())
+    return digest.hexdigest()[:ID_CHARS]
+
+
+def spec_id(spec: JobSpec) -> str:
+    """A point's id from its whole resolved spec (what `expand` computes section by section)."""
+    return _digest(
+        {
+            f.name: _json_key(schema.to_dict(getattr(spec, f.name)))
+            for f in dataclasses.fields(JobSpec)
+            if f.name not in ID_EXCLUDED
+        }
+    )
+
+
+def point_spec(base_raw: dict[str, Any], overrides: dict[str, Any], file: str | None) -> JobSpec:
+    """One point's spec built the plain way (inside an array task, from the stored config)."""
+    raw = copy.deepcopy(base_raw)
+    for key, value in overrides.items():
+        set_dotted(raw, key, copy.deepcopy(value))
+    return schema.build(JobSpec, raw, file=file)
 
 
 @dataclass(frozen=True)

@@ -131,9 +131,7 @@ def resolve(ref: str, runs_dir: str | Path) -> Path:
     if found:
         return found[-1].parent
     matches = sorted(p.parent for p in root.glob(f"*/{SWEEPS}/*/{SWEEP_FILE}"))
-    by_id = [p for p in matches if p.name == ref] or [
-        p for p in matches if p.name.startswith(ref)
-    ]
+    by_id = [p for p in matches if p.name == ref] or [p for p in matches if p.name.startswith(ref)]
     if len(by_id) == 1:
         return by_id[0]
     if len(by_id) > 1:

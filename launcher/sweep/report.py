@@ -1,0 +1,181 @@
+"""`sweep status` (a table of every point) and `sweep report` (CSV + PNG of a metric)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, TextIO
+
+from launcher import runs
+from launcher.errors import RunNotFound
+from launcher.sweep import state
+
+
+def show_value(value: Any) -> str:
+    """A swept value as a table cell: floats in 6 significant digits, mappings as JSON."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[str]], limit: int = 40) -> str:
+    """Left-aligned columns; a column is at most `limit` characters wide."""
+    widths = [min(limit, len(h)) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = min(limit, max(widths[i], len(cell)))
+    lines = []
+    for row in [headers, *rows]:
+        cells = [c if len(c) <= limit else c[: limit - 1] + "~" for c in row]
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def collect(directory: Path, metric: str | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """The sweep's state with each point's current state (one batched refresh per backend),
+    attempts, job id and final metric."""
+    from launcher.sweep.execute import current_states
+
+    current = state.load(directory)
+    if current is None:
+        raise RunNotFound(f"{directory}: no {state.SWEEP_FILE} there")
+    metric = metric or current.get("metric") or "loss"
+    states = current_states(current["points"])
+    rows = []
+    for entry in current["points"]:
+        now = states[entry["id"]]
+        record: dict[str, Any] = {}
+        if now != state.NEW:
+            try:
+                record = runs.read_record(entry["run_dir"])
+            except (RunNotFound, ValueError):
+                record = {}
+        info = record.get("backend_info") or {}
+        job = info.get("job_id") or ",".join(entry.get("job_ids") or [])
+        rows.append(
+            {
+                "index": entry["index"],
+                "id": entry["id"],
+                "state": now,
+                "attempts": entry.get("attempts", 0),
+                "job_id": str(job or ""),
+                **{f"key:{k}": entry["overrides"].get(k) for k in current["keys"]},
+                "metric": state.read_metric(entry["run_dir"], metric),
+                "error": record.get("error") or "",
+                "run_dir": entry["run_dir"],
+            }
+        )
+    current["metric"] = metric
+    return current, rows
+
+
+def print_status(directory: Path, out: TextIO, metric: str | None = None) -> int:
+    current, rows = collect(directory, metric)
+    keys = current["keys"]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    shown = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    print(
+        f"sweep {current['sweep_id']} ({current['name']}, {current['backend']}): "
+        f"{len(rows)} points: {shown}",
+        file=out,
+    )
+    cells = [
+        [
+            str(r["index"]),
+            r["id"],
+            r["state"],
+            str(r["attempts"]),
+            r["job_id"],
+            *(show_value(r[f"key:{k}"]) for k in keys),
+            "" if r["metric"] is None else f"{r['metric']:.6g}",
+            r["error"][:60],
+        ]
+        for r in rows
+    ]
+    headers = ["#", "POINT", "STATE", "TRIES", "JOB", *keys, current["metric"].upper(), "ERROR"]
+    print(table(headers, cells), file=out)
+    return 0
+
+
+def write_report(directory: Path, out_dir: Path, metric: str | None = None) -> tuple[Path, Path]:
+    """report.csv (one row per point) and report.png (the metric against each swept key)."""
+    current, rows = collect(directory, metric)
+    keys: list[str] = current["keys"]
+    metric = current["metric"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["index", "point", "state", "attempts", *keys, metric, "run_dir"])
+    for r in rows:
+        writer.writerow(
+            [
+                r["index"],
+                r["id"],
+                r["state"],
+                r["attempts"],
+                *(show_value(r[f"key:{k}"]) for k in keys),
+                "" if r["metric"] is None else repr(r["metric"]),
+                r["run_dir"],
+            ]
+        )
+    csv_path = out_dir / "report.csv"
+    runs.atomic_write_text(csv_path, buf.getvalue())
+    png_path = out_dir / "report.png"
+    runs.atomic_write_bytes(png_path, _plot(current, rows, keys, metric))
+    return csv_path, png_path
+
+
+def _plot(current: dict[str, Any], rows: list[dict], keys: list[str], metric: str) -> bytes:
+    """One panel per swept key: the metric of each finished point against the key's value."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a cluster login node
+    import matplotlib.pyplot as plt
+
+    log_keys = set(current.get("log_keys") or [])
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    have = [r for r in rows if r["metric"] is not None]
+    for i, key in enumerate(keys):
+        ax = axes[i // ncols][i % ncols]
+        values = [r[f"key:{key}"] for r in have]
+        ys = [r["metric"] for r in have]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and values:
+            ax.scatter(values, ys, s=18, alpha=0.8)
+            positive = min(values) > 0
+            if key in log_keys or (positive and max(values) / min(values) >= 100):
+                ax.set_xscale("log")
+        elif values:
+            labels = sorted({show_value(v) for v in values})
+            pos = {label: n for n, label in enumerate(labels)}
+            ax.scatter([pos[show_value(v)] for v in values], ys, s=18, alpha=0.8)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        else:
+            ax.text(
+                0.5,
+                0.5,
+                f"no '{metric}' values yet",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    for j in range(len(keys), nrows * ncols):
+        axes[j // ncols][j % ncols].axis("off")
+    fig.suptitle(f"sweep {current['sweep_id']}: {len(have)}/{len(rows)} points with {metric}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
