@@ -157,7 +157,22 @@ def resolve_paths(raw: dict[str, Any], config_file: Path, cwd: Path) -> dict[str
     runs_dir = out.get("runs_dir", "runs")
     if isinstance(runs_dir, str) and not os.path.isabs(runs_dir):
         out["runs_dir"] = str((cwd / runs_dir).resolve())
+    data = out.get("data")
+    if isinstance(data, dict):
+        base = config_file.parent
+        cache = data.get("cache_dir")
+        if isinstance(cache, str):
+            data["cache_dir"] = _absolute(cache, base)
+        for source in data.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                source["path"] = _absolute(source["path"], base)
     return out
+
+
+def _absolute(path: str, base: Path) -> str:
+    """`~` expands; relative paths are relative to the config file's folder."""
+    expanded = os.path.expanduser(path)
+    return expanded if os.path.isabs(expanded) else str((base / expanded).resolve())
 
 
 def build_spec(raw: dict[str, Any], file: str) -> JobSpec:

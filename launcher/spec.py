@@ -411,7 +411,8 @@ class DataSpec:
 class JobSpec:
     """A whole job. Built by `config.load`; never mutated (plans return new objects)."""
 
-    name: str = field(metadata=_meta(pattern=r"[^\x00/]+", pattern_help="a name without '/'"))
+    # Any text (it is quoted wherever it goes); folders use a slug of it.
+    name: str = field(metadata=_meta(pattern=r"(?s).*\S.*", pattern_help="a non-empty name"))
     entrypoint: EntrypointSpec = field(default_factory=EntrypointSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     backend: Literal["local", "docker", "slurm"] = "local"

@@ -16,6 +16,9 @@ KEYS = (
     "LAUNCHER_PIN_MEMORY",
     "LAUNCHER_RUN_DIR",
     "CUSTOM",
+    "SLURM_PROCID",
+    "SLURM_JOB_ID",
+    "SLURMD_NODENAME",
 )
 out = Path(os.environ["LAUNCHER_RUN_DIR"]) / f"env-rank{os.environ['RANK']}.json"
 out.write_text(json.dumps({"argv": sys.argv[1:], **{k: os.environ.get(k) for k in KEYS}}))

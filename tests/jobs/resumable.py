@@ -21,8 +21,16 @@ signal.signal(signal.SIGTERM, lambda *_: stop.append("TERM"))
 
 step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
 with open(run_dir / "attempts-seen.jsonl", "a") as fh:
-    fh.write(json.dumps({"rank": os.environ["RANK"], "resumed_at": step,
-                         "restart": os.environ.get("SLURM_RESTART_COUNT", "0")}) + "\n")
+    fh.write(
+        json.dumps(
+            {
+                "rank": os.environ["RANK"],
+                "resumed_at": step,
+                "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            }
+        )
+        + "\n"
+    )
 print(f"starting at step {step}", flush=True)
 while step < STEPS:
     time.sleep(STEP_S)

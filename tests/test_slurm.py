@@ -1,0 +1,189 @@
+"""The Slurm backend against the real local cluster (slurm/start.sh): 2 nodes, accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import runs
+from tests.conftest import ROOT, launcher_cmd
+from tests.slurm_helpers import only_run, require_cluster, wait_file, wait_state
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(autouse=True)
+def _cluster():
+    require_cluster()
+
+
+def _config(tmp_path: Path, **sections) -> Path:
+    data = {
+        "name": "t",
+        "backend": "slurm",
+        "workdir": str(ROOT),
+        "resources": {
+            "nodes": 1,
+            "procs_per_node": 1,
+            "cpus_per_proc": 1,
+            "mem_gb": 0.5,
+            "time_min": 5,
+        },
+        "slurm": {"partition": "debug", "signal_delay_s": 30},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _submit(cfg: Path | str, runs_dir: Path, *overrides: str) -> Path:
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", *overrides)
+    assert out.returncode == 0, out.stderr
+    assert "submitted Slurm job" in out.stdout
+    return only_run(runs_dir)
+
+
+@pytest.mark.parametrize(("nodes", "procs"), [(2, 1), (1, 2)])
+def test_quickstart_on_slurm_ranks_end_identical(nodes, procs, runs_dir):
+    run_dir = _submit(
+        "configs/slurm-2nodes.yaml",
+        runs_dir,
+        f"resources.nodes={nodes}",
+        f"resources.procs_per_node={procs}",
+    )
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=240)
+    assert record["state"] == "COMPLETED", record
+    params = [json.loads((run_dir / f"params-rank{r}.json").read_text()) for r in (0, 1)]
+    assert params[0]["sha256"] == params[1]["sha256"]
+    assert params[0]["world_size"] == 2
+    assert "done: params sha256" in (run_dir / "logs" / "rank1.log").read_text()
+    # What --dry-run printed is what submitit wrote and sbatch ran.
+    job_id = record["backend_info"]["job_id"]
+    submitted = (run_dir / "slurm" / f"{job_id}_submission.sh").read_text()
+    assert submitted == (run_dir / "sbatch.sh").read_text()
+
+
+def test_script_on_two_nodes_reads_ranks_and_keeps_slurm_vars(tmp_path, runs_dir):
+    hostile = "a'b\"c $(touch /tmp/pwned-arg); touch /tmp/pwned-semi\ntouch /tmp/pwned-nl"
+    cfg = _config(
+        tmp_path,
+        name=f"env {hostile}",
+        entrypoint={"script": "tests/jobs/env_dump.py", "args": [hostile]},
+        resources={"nodes": 2, "procs_per_node": 2},
+        env={"CUSTOM": hostile},
+    )
+    run_dir = _submit(cfg, runs_dir)
+    record = wait_state(run_dir, runs.FINAL_STATES)
+    assert record["state"] == "COMPLETED", record
+    seen = sorted(
+        (json.loads((run_dir / f"env-rank{r}.json").read_text()) for r in range(4)),
+        key=lambda s: int(s["RANK"]),
+    )
+    assert [s["RANK"] for s in seen] == ["0", "1", "2", "3"]
+    assert [s["SLURM_PROCID"] for s in seen] == ["0", "1", "2", "3"]
+    assert [s["LOCAL_RANK"] for s in seen] == ["0", "1", "0", "1"]
+    assert {s["WORLD_SIZE"] for s in seen} == {"4"}
+    assert {s["LOCAL_WORLD_SIZE"] for s in seen} == {"2"}
+    assert [s["SLURMD_NODENAME"] for s in seen] == ["node1", "node1", "node2", "node2"]
+    assert {s["MASTER_ADDR"] for s in seen} == {"node1"}
+    assert len({s["MASTER_PORT"] for s in seen}) == 1
+    assert {s["CUSTOM"] for s in seen} == {hostile}
+    assert seen[0]["argv"] == [hostile]
+    assert not list(Path("/tmp").glob("pwned-*"))
+
+
+def test_callable_on_two_nodes(tmp_path, runs_dir):
+    cfg = _config(
+        tmp_path, entrypoint={"callable": "tests.jobs.callables:ddp_sum"}, resources={"nodes": 2}
+    )
+    run_dir = _submit(cfg, runs_dir)
+    assert wait_state(run_dir, runs.FINAL_STATES)["state"] == "COMPLETED"
+    for rank in (0, 1):
+        out = json.loads((run_dir / f"callable-rank{rank}.json").read_text())
+        assert out == {"sum": 3.0, "name": "t", "world": 2}
+
+
+def _progress(min_step: int):
+    return lambda p: json.loads(p.read_text() or "{}").get("step", 0) >= min_step
+
+
+def test_preempted_job_resumes_from_its_checkpoint(tmp_path, runs_dir):
+    cfg = _config(
+        tmp_path,
+        entrypoint={"script": "tests/jobs/resumable.py", "args": ["30", "0.5"]},
+        resources={"nodes": 2},
+        slurm={"exclusive": True, "max_requeue": 3},
+    )
+    run_dir = _submit(cfg, runs_dir)
+    wait_file("ckpt-rank0.json", run_dir, timeout=120, predicate=_progress(3))
+    subprocess.run(
+        ["sbatch", "-p", "high", "-N1", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 2"],
+        check=True,
+        capture_output=True,
+    )
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=240)
+    assert record["state"] == "COMPLETED", record
+    seen = [json.loads(line) for line in (run_dir / "attempts-seen.jsonl").read_text().splitlines()]
+    resumed = [s["resumed_at"] for s in seen if s["rank"] == "0"]
+    assert len(resumed) >= 2 and resumed[0] == 0 and resumed[-1] >= 3, seen
+    assert json.loads((run_dir / "done-rank0.json").read_text())["step"] == 30
+    assert len(record["attempts"]) >= 2 and record["attempts"][0]["requeued"] is True
+    assert "got USR2" in (run_dir / "logs" / "rank0.log").read_text()
+
+
+def test_time_limit_requeues_until_done(tmp_path, runs_dir):
+    # 1 minute limit, USR2 30 s before it: ~30 s of work per attempt for 35 s of steps.
+    cfg = _config(
+        tmp_path,
+        entrypoint={"script": "tests/jobs/resumable.py", "args": ["70", "0.5"]},
+        resources={"time_min": 1},
+        slurm={"max_requeue": 5},
+    )
+    run_dir = _submit(cfg, runs_dir)
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=300)
+    assert record["state"] == "COMPLETED", record
+    seen = [json.loads(line) for line in (run_dir / "attempts-seen.jsonl").read_text().splitlines()]
+    assert len(seen) >= 2 and seen[-1]["resumed_at"] > 0, seen
+    assert json.loads((run_dir / "done-rank0.json").read_text())["step"] == 70
+
+
+def test_scancel_from_outside_is_cancelled_within_a_minute(tmp_path, runs_dir):
+    cfg = _config(tmp_path, entrypoint={"script": "tests/jobs/sleeper.py"})
+    run_dir = _submit(cfg, runs_dir)
+    wait_file("pid-rank0", run_dir, timeout=120)
+    job_id = runs.read_record(run_dir)["backend_info"]["job_id"]
+    subprocess.run(["scancel", job_id], check=True)
+    start = time.monotonic()
+    record = wait_state(run_dir, ("CANCELLED", "FAILED", "COMPLETED"), timeout=60)
+    assert record["state"] == "CANCELLED" and time.monotonic() - start < 60
+    out = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}")
+    assert "CANCELLED" in out.stdout
+
+
+def test_failing_rank_is_named_and_launcher_cancel_works(tmp_path, runs_dir):
+    cfg = _config(tmp_path, entrypoint={"script": "tests/jobs/crash.py"}, resources={"nodes": 2})
+    run_dir = _submit(cfg, runs_dir)
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=180)
+    assert record["state"] == "FAILED" and record["failed_rank"] == 1, record
+    assert "rank 1 on node2 exited with code 3" in record["error"]
+    status = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}")
+    assert "simulated CUDA error in rank 1" in status.stdout
+    logs = launcher_cmd("logs", run_dir.name, "--rank", "1", f"--runs-dir={runs_dir}")
+    assert "simulated CUDA error" in logs.stdout
+
+    sleeper = _config(tmp_path, name="sleepy", entrypoint={"script": "tests/jobs/sleeper.py"})
+    out = launcher_cmd("run", str(sleeper), f"runs_dir={runs_dir}")
+    assert out.returncode == 0
+    sleepy = next(d for d in runs.iter_run_dirs(runs_dir) if d != run_dir)
+    assert launcher_cmd("cancel", sleepy.name, f"--runs-dir={runs_dir}").returncode == 0
+    assert wait_state(sleepy, runs.FINAL_STATES, timeout=60)["state"] == "CANCELLED"
