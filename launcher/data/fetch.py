@@ -288,11 +288,12 @@ def _fetch_local(
         if hit is not None:
             return FetchResult(src.name, hit, "cached", _size(hit), time.monotonic() - start)
         marker.unlink(missing_ok=True)
+        entry = cache / src.name
+        if src.extract:
+            _remove(entry, meta)
         digests = _check_digests(path, src, label, str(path))
         result = path
         if src.extract:
-            entry = cache / src.name
-            _remove(entry, meta)
             staging = meta / "staging" / src.name
             _remove(staging, meta)
             try:
@@ -314,10 +315,14 @@ def _fetch_local(
 def _write_marker(
     marker: Path, fingerprint: dict[str, Any], result: Path, digests: dict[str, str]
 ) -> None:
+    cache = marker.parent.parent
+    # Inside the cache: stored relative, so a shared cache mounted at different paths on
+    # different nodes still matches.
+    inside = result.is_relative_to(cache)
     record: dict[str, Any] = {
         "version": MARKER_VERSION,
         "fingerprint": fingerprint,
-        "result": str(result),
+        "result": str(result.relative_to(cache)) if inside else str(result),
         "kind": "file" if result.is_file() else "dir",
         "digests": digests,
         "fetched_at": time.time(),
@@ -336,7 +341,7 @@ def _valid_marker(marker: Path, fingerprint: dict[str, Any], *, rehash: bool) ->
         return None
     if record.get("version") != MARKER_VERSION or record.get("fingerprint") != fingerprint:
         return None
-    result = Path(record["result"])
+    result = marker.parent.parent / record["result"]  # an absolute path stays as it is
     if record.get("kind") == "dir":
         return result if result.is_dir() else None
     try:
