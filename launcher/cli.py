@@ -194,9 +194,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = logs[args.rank]
     offset = 0
     while True:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            if not args.follow:
+                raise RunNotFound(f"rank {args.rank} has not written {path} yet") from None
+            data = b""
         offset += len(data)
         sys.stdout.write(data.decode(errors="replace"))
         sys.stdout.flush()

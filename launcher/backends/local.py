@@ -93,31 +93,15 @@ class LocalBackend:
         hw = hardware or detect()
         nprocs = spec.resources.tasks_per_node
         picks = pick_loader(hw, nprocs, spec.loader)
-        port: int | str = spec.local.master_port or PORT_AT_START
-        base_env = job_env(spec, run_dir=run_dir, picks=picks)
-        argv = entry_argv(spec)
-        procs = []
-        for rank in range(nprocs):
-            env = dict(base_env)
-            env.update(
-                dist_env(
-                    rank=rank,
-                    local_rank=rank,
-                    world_size=nprocs,
-                    local_world_size=nprocs,
-                    master_addr=spec.local.master_addr,
-                    master_port=port,
-                )
-            )
-            procs.append(
-                {
-                    "rank": rank,
-                    "argv": argv,
-                    "env": env,
-                    "cwd": spec.workdir or os.getcwd(),
-                    "log": str(run_dir / "logs" / f"rank{rank}.log"),
-                }
-            )
+        procs = process_table(
+            spec,
+            run_dir=run_dir,
+            picks=picks,
+            argv=entry_argv(spec),
+            cwd=spec.workdir or os.getcwd(),
+            master_addr=spec.local.master_addr,
+            master_port=spec.local.master_port or PORT_AT_START,
+        )
         payload = {"procs": procs, "stop_grace_s": spec.local.stop_grace_s}
         return Plan(
             backend=self.name,
@@ -181,8 +165,40 @@ class LocalBackend:
         runs.update_record(run_dir, state="CANCELLED", ended_at=runs.now())
 
     def log_files(self, run_dir: Path) -> dict[int, Path]:
-        logs = sorted((run_dir / "logs").glob("rank*.log"))
-        return {int(p.stem.removeprefix("rank")): p for p in logs}
+        """Every rank's log path, also before the rank has written anything."""
+        world = int(runs.read_record(run_dir).get("world_size") or 0)
+        return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+
+
+def process_table(
+    spec: JobSpec,
+    *,
+    run_dir: Path,
+    picks: LoaderPicks,
+    argv: list[str],
+    cwd: str,
+    master_addr: str,
+    master_port: int | str,
+) -> list[dict[str, Any]]:
+    """One entry per rank on this machine (or in one container): argv, env, cwd, log file."""
+    nprocs = spec.resources.tasks_per_node
+    base_env = job_env(spec, run_dir=run_dir, picks=picks)
+    procs = []
+    for rank in range(nprocs):
+        env = dict(base_env)
+        env.update(
+            dist_env(
+                rank=rank,
+                local_rank=rank,
+                world_size=nprocs,
+                local_world_size=nprocs,
+                master_addr=master_addr,
+                master_port=master_port,
+            )
+        )
+        log = str(run_dir / "logs" / f"rank{rank}.log")
+        procs.append({"rank": rank, "argv": argv, "env": env, "cwd": cwd, "log": log})
+    return procs
 
 
 def render(spec: JobSpec, run_dir: Path, procs: list[dict[str, Any]], picks: LoaderPicks) -> str:
@@ -207,14 +223,15 @@ def render(spec: JobSpec, run_dir: Path, procs: list[dict[str, Any]], picks: Loa
     return "\n".join(lines)
 
 
-def prepare_run_dir(plan: Plan) -> None:
+def prepare_run_dir(plan: Plan, backend: str = "local") -> None:
     """Write config, plan and the PENDING record: what `status` and the supervisor read."""
     run_dir = plan.run_dir
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(run_dir / runs.CONFIG, config.dump(plan.spec))
     payload = dict(plan.payload)
     if any(p["env"]["MASTER_PORT"] == PORT_AT_START for p in payload["procs"]):
-        port = str(free_port(plan.spec.local.master_addr))
+        # The docker backend shares the host network here, so a free host port works there too.
+        port = str(free_port(payload["procs"][0]["env"]["MASTER_ADDR"]))
         payload["procs"] = [
             {**p, "env": {**p["env"], "MASTER_PORT": port}} for p in payload["procs"]
         ]
@@ -222,7 +239,7 @@ def prepare_run_dir(plan: Plan) -> None:
     record = runs.new_record(
         run_id=plan.run_id,
         name=plan.spec.name,
-        backend="local",
+        backend=backend,
         world_size=len(payload["procs"]),
         config_file=plan.config_file,
     )
@@ -299,11 +316,13 @@ def supervise(run_dir: Path, *, echo: bool = True) -> int:
                 ) from None
             finally:
                 log.close()
+        info = runs.read_record(run_dir).get("backend_info", {})
         runs.update_record(
             run_dir,
             state="RUNNING",
             started_at=runs.now(),
             backend_info={
+                **info,  # the docker backend keeps its container id here
                 "supervisor_pid": os.getpid(),
                 "rank_pids": {str(r): p.pid for r, p in procs.items()},
             },
