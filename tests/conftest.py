@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures for tests against the real Docker engine (base image, wheelhouse, project image).
+pytest_plugins = ["tests.conftest_docker"]
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = Path(__file__).resolve().parent / "jobs"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

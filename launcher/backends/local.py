@@ -416,4 +416,6 @@ def _stop_all(procs: dict[int, subprocess.Popen], grace: float) -> None:
 BACKEND = LocalBackend()
 
 if __name__ == "__main__":
-    raise SystemExit(supervise(Path(sys.argv[1]), echo=False))
+    # `python -m launcher.backends.local RUN_DIR [--echo]`: a detached supervisor, or the one
+    # inside a docker container (which echoes rank output to the container's log).
+    raise SystemExit(supervise(Path(sys.argv[1]), echo="--echo" in sys.argv[2:]))
