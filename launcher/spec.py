@@ -249,7 +249,8 @@ class DockerSpec:
 class ContainerSpec:
     """Run the Slurm tasks in an image through pyxis (enroot)."""
 
-    image: str
+    # null: the tag `launcher build` gives this project (same config, same image).
+    image: str | None = None
     # "host_path:container_path[:ro]"; the run dir and workdir are mounted as well.
     mounts: tuple[str, ...] = ()
     workdir: str | None = None

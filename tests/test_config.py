@@ -41,7 +41,7 @@ BAD = [
     ("name: a\ntrain: {optimizer: {name: lamb}}\n", "train.optimizer.name", "one of"),
     ("name: a\ntrain: {model: resnet}\n", "train.model", "mlp"),
     ("name: a\nslurm: {max_requeue: 1000}\n", "slurm.max_requeue", "<= 100"),
-    ("name: a\nslurm: {container: {mounts: [a]}}\n", "slurm.container.image", "missing required"),
+    ("name: a\nslurm: {container: {mounts: a}}\n", "slurm.container.mounts", "expected a list"),
     ("name: a\ndata: {sources: [{name: x}]}\n", "data.sources[0]", "exactly one of"),
     ("name: a\ndocker: {shm_gb: 0}\n", "docker.shm_gb", ">= 0.001"),
     ("- just\n- a list\n", "", "expected a mapping"),

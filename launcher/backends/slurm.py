@@ -200,8 +200,11 @@ def container_args(spec: JobSpec, run_dir: Path) -> list[str]:
         return []
     workdir = spec.workdir or "/"
     mounts = [*c.mounts, f"{run_dir}:{run_dir}", f"{workdir}:{workdir}"]
+    from launcher.backends.docker import image_for
+
+    image = c.image or image_for(spec)
     return [
-        f"--container-image={c.image}",
+        f"--container-image={image}",
         f"--container-mounts={','.join(mounts)}",
         f"--container-workdir={c.workdir or workdir}",
     ]
