@@ -3,14 +3,16 @@
 The tag is a hash of everything the build reads (Dockerfile, the context files its COPY/ADD
 lines name, build args, base image, wheelhouse, CA certificate), so `launcher build` is a no-op
 when nothing changed and a run can name the exact image it ran in. The build context is made
-here (the project root filtered by `.dockerignore`, plus the staged wheelhouse and CA
-certificate under `.build-extras/`), so the hash and the context agree by construction.
+here, not by the daemon: the files the COPY/ADD lines read from the project root filtered by
+`.dockerignore`, plus the wheelhouse and CA certificate staged under `.build-extras/`; the
+hash covers exactly that, so tag and context agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,6 +44,9 @@ LOG_TAIL_LINES = 12
 BUILD_TIMEOUT_S = 3600
 
 _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+_FROM = re.compile(r"^FROM\s+(?:--\S+\s+)*\S+(?:\s+AS\s+(?P<name>\S+))?\s*$", re.IGNORECASE)
+_LAYER = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Docker reference grammar: [host[:port]/]path-component(/path-component)*, lowercase.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -67,6 +72,8 @@ class BuildResult:
     # Wall seconds of each step seen, in order (step 1 first).
     step_seconds: tuple[float, ...] = ()
     log: tuple[str, ...] = ()
+    # `repository:cache-STAGE` tags that keep the named build stages' cache (see _tag_stages).
+    stage_tags: tuple[str, ...] = ()
     # The reference pushed to the registry, when asked to push.
     pushed: str | None = None
 
@@ -128,13 +135,19 @@ def _clean(path: str) -> str:
     return "" if path == "." else path
 
 
+# Never part of an image, even without a .dockerignore: bytecode changes on every test run
+# and would change the tag. A `!` line in .dockerignore can still bring one back.
+DEFAULT_IGNORES = (".git", "**/__pycache__", "**/*.py[cod]")
+
+
 def read_dockerignore(root: Path) -> list[_Pattern]:
-    """The patterns of root/.dockerignore, in order (the last matching one decides)."""
+    """DEFAULT_IGNORES then root/.dockerignore, in order (the last matching pattern decides)."""
     path = root / ".dockerignore"
-    if not path.is_file():
-        return []
+    lines = list(DEFAULT_IGNORES)
+    if path.is_file():
+        lines += path.read_text().splitlines()
     patterns = []
-    for raw in path.read_text().splitlines():
+    for raw in lines:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -376,10 +389,15 @@ def push_reference(spec: ImageSpec, tag: str) -> str:
 
 
 def write_context(spec: ImageSpec, root: Path, out: IO[bytes]) -> str:
-    """Write the build context as a tar to `out`; return the Dockerfile's path inside it."""
+    """Write the build context as a tar to `out`; return the Dockerfile's path inside it.
+
+    The context holds the files the Dockerfile's COPY/ADD lines read (all of root minus
+    .dockerignore when a variable hides them), the Dockerfile, and the staged extras.
+    """
     root = Path(root)
     dockerfile = _dockerfile_path(spec, root).resolve()
-    files = context_files(root)
+    # Only what COPY/ADD read (and so what the tag hashes): stray big files cost nothing.
+    files = _read_sources(context_files(root), dockerfile_sources(dockerfile.read_text()))
     try:
         dockerfile_arc = dockerfile.relative_to(root.resolve()).as_posix()
     except ValueError:
@@ -403,20 +421,8 @@ def write_context(spec: ImageSpec, root: Path, out: IO[bytes]) -> str:
         if ca is not None:
             info = tarfile.TarInfo(f"{EXTRAS_DIR}/ca/extra-ca.crt")
             info.size, info.mode, info.mtime = len(ca), 0o644, int(time.time())
-            tar.addfile(info, _BytesReader(ca))
+            tar.addfile(info, io.BytesIO(ca))
     return dockerfile_arc
-
-
-class _BytesReader:
-    """A minimal file object over bytes, for tarfile.addfile."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data, self._pos = data, 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._data) if size < 0 else self._pos + size
-        chunk, self._pos = self._data[self._pos : end], min(end, len(self._data))
-        return chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,13 +545,13 @@ def _stream_lines(chunks: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[
 
 
 def _failure(
-    tag: str, step: int, total: int, instruction: str, message: str, log: list[str]
+    tag: str, step: int, total: int, instruction: str, message: str, log: list[str], base: str
 ) -> BackendError:
     where = f"step {step}/{total} ({_one_line(instruction)})" if step else "before the first step"
     hint = ""
     if instruction.upper().startswith("FROM"):
         hint = (
-            "; the base image is not on this machine and could not be pulled: make one "
+            f"; the base image {base} is not on this machine and could not be pulled: make one "
             "(scripts/make-base-image.sh NAME:TAG) and pass --base-image NAME:TAG"
         )
     if any("CERTIFICATE_VERIFY_FAILED" in t for t in log[-50:]):
@@ -632,10 +638,18 @@ def _build(
 ) -> BuildResult:
     log: list[str] = []
     cached: list[int] = []
-    step, total, instruction, image_id = 0, 0, "", ""
+    step, total, instruction = 0, 0, ""
     step_starts: list[float] = []
+    # (stage name or None, last image id) per FROM, to keep the build stages' cache (below).
+    stages: list[list[str | None]] = []
+    base = spec.base_image or "(the Dockerfile's default BASE_IMAGE)"
     with tempfile.TemporaryFile() as context, _Display(console, f"building {tag}") as display:
         dockerfile = write_context(spec, root, context)
+        if image_tag(spec, root) != tag:
+            raise BackendError(
+                f"files under {root} changed while the build context was being made "
+                f"(the tag {tag} no longer matches them): run the build again"
+            )
         context.seek(0)
         chunks = client.api.build(
             fileobj=context,
@@ -652,42 +666,62 @@ def _build(
             decode=True,
         )
         for kind, event in _stream_lines(chunks):
-            if kind == "line":
-                text = event["text"]
-                log.append(text)
-                match = _STEP.match(text)
-                if match:
-                    step, total, instruction = int(match[1]), int(match[2]), match[3]
-                    step_starts.append(time.monotonic())
-                    display.step_started(step, total, instruction)
-                elif text.strip() == "---> Using cache":
-                    cached.append(step)
-                elif text.strip():
-                    display.line(text)
-                found = re.match(r"^Successfully built ([0-9a-f]+)$", text)
-                if found:
-                    image_id = found[1]
-            elif kind == "aux":
-                image_id = event["aux"].get("ID", image_id)
-            else:
+            if kind == "error":
                 detail = event.get("errorDetail") or {}
                 message = detail.get("message") or event.get("error") or "unknown error"
-                raise _failure(tag, step, total, instruction, str(message), log)
+                raise _failure(tag, step, total, instruction, str(message), log, base)
+            if kind != "line":
+                continue
+            text = event["text"]
+            log.append(text)
+            match = _STEP.match(text)
+            if match:
+                step, total, instruction = int(match[1]), int(match[2]), match[3]
+                step_starts.append(time.monotonic())
+                display.step_started(step, total, instruction)
+                stage = _FROM.match(instruction)
+                if stage:
+                    stages.append([stage["name"], None])
+            elif text.strip() == "---> Using cache":
+                cached.append(step)
+            elif text.strip():
+                display.line(text)
+                layer = _LAYER.match(text)
+                if layer and stages:
+                    stages[-1][1] = layer[1]
     step_starts.append(time.monotonic())
     info = _image(client, tag)
     if info is None:
-        raise _failure(tag, step, total, instruction, "no image was tagged", log)
+        raise _failure(tag, step, total, instruction, "no image was tagged", log, base)
     return BuildResult(
         tag=tag,
-        image_id=info["Id"] or image_id,
+        image_id=info["Id"],
         built=True,
         seconds=time.monotonic() - started,
         size_bytes=int(info.get("Size", 0)),
         cached_steps=tuple(cached),
         total_steps=total,
         step_seconds=tuple(b - a for a, b in zip(step_starts, step_starts[1:], strict=False)),
+        stage_tags=_tag_stages(client, spec.repository, stages[:-1]),
         log=tuple(log),
     )
+
+
+def _tag_stages(
+    client: docker.DockerClient, repository: str, stages: list[list[str | None]]
+) -> tuple[str, ...]:
+    """Tag each named build stage `repository:cache-NAME`, so `docker image prune` keeps it.
+
+    The legacy builder leaves a finished stage (e.g. `deps`, the installed venv) as an
+    untagged image; a prune would drop it and the next code-only change would reinstall every
+    dependency. One moving tag per stage keeps the latest build's cache and no older one.
+    """
+    tags = []
+    for name, image_id in stages:
+        if name and image_id and _STAGE_NAME.match(name):
+            client.api.tag(image_id, repository, f"cache-{name.lower()}")
+            tags.append(f"{repository}:cache-{name.lower()}")
+    return tuple(tags)
 
 
 def _size(n: int) -> str:

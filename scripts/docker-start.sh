@@ -15,20 +15,24 @@ timeout_s="${DOCKER_START_TIMEOUT_S:-30}"
 pidfile="$state_dir/dockerd.pid"
 logfile="$state_dir/dockerd.log"
 
-if docker info >/dev/null 2>&1; then
-    echo "docker-start: engine already answering ($(docker info --format '{{.ServerVersion}}'))"
-    exit 0
-fi
-
-if ! command -v dockerd >/dev/null 2>&1; then
-    echo "docker-start: installing docker.io (Debian)"
+# docker-registry (Debian's distribution registry) serves the push tests on 127.0.0.1.
+missing=()
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+if ((${#missing[@]})); then
+    echo "docker-start: installing ${missing[*]} (Debian)"
     export DEBIAN_FRONTEND=noninteractive
     # Wait for another apt run (CI installs Slurm at the same time) instead of failing.
     apt=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
-    if ! "${apt[@]}" install --no-install-recommends docker.io >/dev/null; then
+    if ! "${apt[@]}" install --no-install-recommends "${missing[@]}" >/dev/null; then
         "${apt[@]}" update >/dev/null
-        "${apt[@]}" install --no-install-recommends docker.io >/dev/null
+        "${apt[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
     fi
+fi
+
+if docker info >/dev/null 2>&1; then
+    echo "docker-start: engine already answering ($(docker info --format '{{.ServerVersion}}'))"
+    exit 0
 fi
 
 mkdir -p "$state_dir"

@@ -43,8 +43,9 @@ trap 'rm -rf "$work"' EXIT
 if [[ "$kind" == busybox ]]; then
     tarball="$cache_dir/base-busybox.tar"
     if [[ ! -s "$tarball" ]]; then
-        if [[ ! -x /bin/busybox ]] || ! file_out="$(ldd /bin/busybox 2>&1)" \
-            || [[ "$file_out" != *"not a dynamic executable"* ]]; then
+        # Only a static busybox runs in an image with no libc.
+        if [[ ! -x /bin/busybox ]] \
+            || [[ "$(ldd /bin/busybox 2>&1 || true)" != *"not a dynamic executable"* ]]; then
             echo "make-base-image: installing busybox-static" >&2
             apt_install busybox-static
         fi
