@@ -272,9 +272,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.base_image:
         changes["base_image"] = args.base_image
     if args.wheelhouse:
-        changes["wheelhouse"] = args.wheelhouse
+        changes["wheelhouse"] = str(Path(args.wheelhouse).resolve())
     if args.ca_cert:
-        changes["ca_cert"] = args.ca_cert
+        changes["ca_cert"] = str(Path(args.ca_cert).resolve())
     if args.build_arg:
         build_args = dict(image.build_args)
         for item in args.build_arg:

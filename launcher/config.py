@@ -157,6 +157,11 @@ def resolve_paths(raw: dict[str, Any], config_file: Path, cwd: Path) -> dict[str
     runs_dir = out.get("runs_dir", "runs")
     if isinstance(runs_dir, str) and not os.path.isabs(runs_dir):
         out["runs_dir"] = str((cwd / runs_dir).resolve())
+    image = out.get("image")
+    if isinstance(image, dict):
+        for key in ("wheelhouse", "ca_cert"):
+            if isinstance(image.get(key), str):
+                image[key] = _absolute(image[key], config_file.parent)
     data = out.get("data")
     if isinstance(data, dict):
         base = config_file.parent

@@ -8,6 +8,7 @@ bash scripts/setup.sh
 bash slurm/install.sh
 bash slurm/start.sh 2
 bash scripts/docker-start.sh
+bash scripts/make-base-image.sh launcher-base:bookworm
 echo "setup took $(( $(date +%s) - start )) s"
 python3 -m ruff check .
 python3 -m ruff format --check .

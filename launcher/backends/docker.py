@@ -174,6 +174,8 @@ class DockerBackend:
             "mem_limit": f"{int(spec.resources.mem_gb * 1024)}m" if spec.resources.mem_gb else None,
             "gpus": gpus,
             "auto_remove": spec.docker.auto_remove,
+            # tini as PID 1: forwards signals to the supervisor and reaps orphaned workers.
+            "init": True,
         }
         payload = {"procs": procs, "stop_grace_s": spec.local.stop_grace_s, "container": container}
         text = _render(spec, run_dir, container, procs, picks, shm_why)
