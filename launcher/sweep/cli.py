@@ -94,7 +94,6 @@ def main(argv: list[str]) -> int:
     from launcher.sweep import execute
 
     prepared = execute.prepare(args.config, args.overrides, max_points=args.max_points)
-    execute.check_backend(prepared)
     opts = execute.Options(
         dry_run=args.dry_run, retry_failed=args.retry_failed, force=args.force, wait=args.wait
     )

@@ -198,7 +198,11 @@ def _parse_random(raw: Any, *, file: str | None) -> tuple[Axis, tuple[str, ...]]
         )
 
     def is_dist(value: dict) -> bool:
-        return len(value) == 1 and next(iter(value)) in DISTRIBUTIONS
+        # {name: [...]} is a distribution (maybe a misspelled one), not a nested section.
+        if len(value) != 1:
+            return False
+        kind, arg = next(iter(value.items()))
+        return kind in DISTRIBUTIONS or isinstance(arg, list)
 
     flat = _flatten(params, f"{where}.params", file, is_dist)
     dists: dict[str, tuple[str, Any]] = {}
@@ -213,6 +217,14 @@ def _parse_random(raw: Any, *, file: str | None) -> tuple[Axis, tuple[str, ...]]
                 key=dkey,
             )
         kind, arg = next(iter(dist.items()))
+        if kind not in DISTRIBUTIONS:
+            near = schema.closest(str(kind), list(DISTRIBUTIONS))
+            raise ConfigError(
+                f"unknown distribution {kind!r}: expected one of {', '.join(DISTRIBUTIONS)}",
+                file=file,
+                key=dkey,
+                hint=f"did you mean {near!r}?" if near else None,
+            )
         if kind == "choice":
             _value_list(arg, file=file, key=f"{dkey}.choice")
         else:

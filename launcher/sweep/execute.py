@@ -1,18 +1,19 @@
-"""Plan every point, decide which to (re)submit, and submit them: job arrays on Slurm,
-a concurrency-limited set of detached runs on the local and docker backends.
+"""Decide which points to (re)submit and submit them: job arrays on Slurm, a
+concurrency-limited set of detached runs on the local and docker backends.
 
 Everything that can be wrong with a sweep is found before the first submission: the whole
-expansion is validated and every point is planned first. Claims happen under the job's
-sweep lock, re-reading the state, so two invocations never submit the same point.
+expansion is validated and every point is planned (local, docker) or checked to fit one
+array script (Slurm) first. Claims happen under the job's sweep lock, re-reading the
+state, so two invocations never submit the same point.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,15 +22,17 @@ import yaml
 
 from launcher import config, runs
 from launcher.backends.base import Backend, Plan
-from launcher.errors import ConfigError, RunNotFound
+from launcher.spec import JobSpec
 from launcher.sweep import define, state
 from launcher.sweep.define import Point, SweepDef
 
 POLL_S = 0.2
+SLURM_POLL_S = 2.0
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default MaxArraySize
 ACTIVE = ("PENDING", "RUNNING")
-# A point submitted to Slurm whose task has not written its run record yet.
+# Submitted to Slurm, but the batched query does not know the task yet.
 SUBMITTED = "SUBMITTED"
+WAITING = (*ACTIVE, SUBMITTED)
 
 
 @dataclass
@@ -43,16 +46,30 @@ class Prepared:
     sweep_id: str
     directory: Path
     backend: Backend
+    # Local and docker: every point's plan. Slurm: the first point's (each array task
+    # plans its own point on the cluster).
     plans: dict[str, Plan] = field(default_factory=dict)
+    # Slurm: the sbatch parameters every point shares.
+    array_params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    runs_base: str | None = field(default=None, repr=False)
 
     @property
-    def spec(self):
+    def spec(self) -> JobSpec:
         return self.loaded.spec
 
     @property
     def lock_root(self) -> Path:
         return state.sweeps_root(self.spec.runs_dir, self.spec.name)
+
+    def run_dir(self, point: Point) -> Path:
+        return runs.run_dir_for(self.spec.runs_dir, self.spec.name, point.run_id)
+
+    def run_dir_text(self, point: Point) -> str:
+        """run_dir() as text, without building a Path per point (10,000-point sweeps)."""
+        if self.runs_base is None:
+            self.runs_base = str(self.run_dir(point).parent)
+        return os.path.join(self.runs_base, point.run_id)
 
 
 def load_config(path: str, overrides: list[str]) -> config.Loaded:
@@ -82,7 +99,7 @@ def load_config(path: str, overrides: list[str]) -> config.Loaded:
 
 
 def prepare(path: str, overrides: list[str], *, max_points: int | None = None) -> Prepared:
-    """Load, expand, validate and plan every point. Touches nothing."""
+    """Load, expand, validate and plan. Touches nothing (no files, no cluster)."""
     from launcher.backends import get_backend
 
     t0 = time.perf_counter()
@@ -101,52 +118,78 @@ def prepare(path: str, overrides: list[str], *, max_points: int | None = None) -
         directory=state.sweep_dir(spec.runs_dir, spec.name, sweep_id),
         backend=get_backend(spec.backend),
     )
-    extra: dict[str, Any] = {}
-    if spec.backend == "local":
-        from launcher.hardware import detect
+    if spec.backend == "slurm":
+        from launcher.sweep import slurm_array
 
-        extra["hardware"] = detect()  # once, not once per point
-    for point in prepared.points:
-        run_dir = runs.run_dir_for(spec.runs_dir, spec.name, point.run_id)
+        prepared.array_params = slurm_array.check(prepared)
+        planned = prepared.points[:1]
+        extra: dict[str, Any] = {}
+    else:
+        planned = prepared.points
+        extra = {}
+        if spec.backend == "local":
+            from launcher.hardware import detect
+
+            extra["hardware"] = detect()  # once, not once per point
+    for point in planned:
         prepared.plans[point.id] = prepared.backend.plan(
-            point.spec, run_id=point.run_id, run_dir=run_dir, config_file=loaded.file, **extra
+            point.spec,
+            run_id=point.run_id,
+            run_dir=prepared.run_dir(point),
+            config_file=loaded.file,
+            **extra,
         )
     prepared.timings = {"expand_s": t1 - t0, "plan_s": time.perf_counter() - t1}
     return prepared
 
 
-# --- deciding what to submit -------------------------------------------------------------
+# --- where each point stands -------------------------------------------------------------
 
 
 def current_states(entries: list[dict[str, Any]]) -> dict[str, str]:
-    """Point id -> state from its run record, brought up to date with one batched
-    `refresh` per backend (not one query per point)."""
+    """Point id -> state, brought up to date with one batched query per backend (not one
+    per point): `refresh` for runs with a record, and for Slurm array tasks that have not
+    written theirs yet (or whose record is from an earlier attempt) one sacct + squeue."""
     from launcher.backends import get_backend
 
     found: dict[str, str] = {}
     active: dict[str, list[tuple[str, Path]]] = {}
+    queued: dict[str, str] = {}
     for entry in entries:
-        run_dir = Path(entry["run_dir"])
-        try:
-            record = runs.read_record(run_dir)
-        except (RunNotFound, ValueError):
-            record = None
-        if record is None:
-            # Submitted as an array task that has not started (and written its record) yet.
-            found[entry["id"]] = SUBMITTED if entry.get("attempts") else state.NEW
+        run_dir = entry["run_dir"]
+        job_ids = entry.get("job_ids") or []
+        record = _read_record(run_dir)
+        info = (record or {}).get("backend_info") or {}
+        if job_ids and info.get("job_id") != job_ids[-1]:
+            queued[entry["id"]] = job_ids[-1]  # this attempt's task has not started yet
             continue
-        found[entry["id"]] = record["state"]
-        if record["state"] == "PENDING" and not record.get("backend_info"):
-            # Written just before an sbatch that then failed: never queued.
+        if record is None or (record["state"] == "PENDING" and not info):
+            # Never started, or a record written just before a submission that failed.
             found[entry["id"]] = state.NEW
             continue
+        found[entry["id"]] = record["state"]
         if record["state"] in ACTIVE:
-            active.setdefault(record["backend"], []).append((entry["id"], run_dir))
+            active.setdefault(record["backend"], []).append((entry["id"], Path(run_dir)))
     for backend_name, items in active.items():
         get_backend(backend_name).refresh([run_dir for _, run_dir in items])
         for point_id, run_dir in items:
             found[point_id] = state.record_state(run_dir)
+    if queued:
+        from launcher.sweep import slurm_array
+
+        tasks = slurm_array.task_states(sorted(set(queued.values())))
+        for point_id, job_id in queued.items():
+            found[point_id] = tasks[job_id]
     return found
+
+
+def _read_record(run_dir: str) -> dict[str, Any] | None:
+    """The run record, or None when the point has no (readable) record yet."""
+    try:
+        with open(os.path.join(run_dir, runs.RECORD), "rb") as fh:
+            return json.loads(fh.read())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
 
 
 @dataclass
@@ -158,13 +201,13 @@ class Decision:
 
 def decide(ids: list[str], states: dict[str, str], *, retry_failed: bool, force: bool) -> Decision:
     """New points always run; failed ones with --retry-failed; --force reruns every point
-    that is not running right now."""
+    that is not queued or running right now."""
     submit: list[str] = []
     skipped: dict[str, int] = {}
     reasons: dict[str, str] = {}
     for point_id in ids:
         now = states.get(point_id, state.NEW)
-        if now in (*ACTIVE, SUBMITTED):
+        if now in WAITING:
             go = False
         elif now == state.NEW:
             go = True
@@ -196,7 +239,7 @@ def skip_text(decision: Decision) -> str:
 
 
 def merged_state(prepared: Prepared) -> dict[str, Any]:
-    """sweep.json for this expansion, keeping attempts and job ids from an earlier run."""
+    """sweep.json for this expansion, keeping attempts and job ids from earlier runs."""
     spec = prepared.spec
     old = state.load(prepared.directory)
     new = state.new_state(
@@ -212,9 +255,10 @@ def merged_state(prepared: Prepared) -> dict[str, Any]:
     previous = {p["id"]: p for p in (old or {}).get("points", [])}
     if old:
         new["created_at"] = old.get("created_at", new["created_at"])
+        new["array_job_ids"] = old.get("array_job_ids", [])
     for point in prepared.points:
         entry = state.new_point(
-            point.index, point.id, prepared.plans[point.id].run_dir, point.overrides
+            point.index, point.id, prepared.run_dir_text(point), point.overrides
         )
         before = previous.get(point.id)
         if before:
@@ -225,7 +269,7 @@ def merged_state(prepared: Prepared) -> dict[str, Any]:
 
 
 def _set_aside(run_dir: Path, directory: Path, attempt: int) -> None:
-    """--force: keep the previous run's folder (under the sweep dir), start clean."""
+    """--force: keep the previous run's folder (under the sweep dir) and start clean."""
     if run_dir.exists():
         target = directory / "replaced" / f"{run_dir.name}.{attempt}"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -242,15 +286,16 @@ class Options:
     retry_failed: bool = False
     force: bool = False
     wait: bool = False
-    out: TextIO = sys.stdout
-    err: TextIO = sys.stderr
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+    err: TextIO = field(default_factory=lambda: sys.stderr)
     poll_s: float = POLL_S
-    clock: Callable[[], float] = time.monotonic
+    # Slurm (benchmarks): submit the arrays held, so nothing starts.
+    hold: bool = False
 
 
 def parallelism(prepared: Prepared) -> int | None:
-    """Slurm: the %N limit (None: no limit). Local/docker: points at once (default: one
-    point per its share of this machine's CPUs)."""
+    """Slurm: the %N limit of each array (None: no limit). Local/docker: points at once
+    (default: as many as this machine's CPUs hold, at the point's processes each)."""
     spec = prepared.spec
     if spec.backend == "slurm":
         return prepared.sweep.parallelism or spec.slurm.array_parallelism
@@ -260,90 +305,101 @@ def parallelism(prepared: Prepared) -> int | None:
     return max(1, (cpus or 1) // spec.resources.tasks_per_node)
 
 
+def array_size(prepared: Prepared) -> int | None:
+    """Configured MaxArraySize; None: read from the cluster at submission."""
+    return prepared.spec.slurm.max_array_size
+
+
+def header(prepared: Prepared) -> str:
+    dropped = f" ({prepared.duplicates} duplicate configs dropped)" if prepared.duplicates else ""
+    return (
+        f"sweep {prepared.sweep_id}: {len(prepared.points)} points on "
+        f"{prepared.spec.backend}{dropped}"
+    )
+
+
 def run(prepared: Prepared, opts: Options) -> int:
     """Submit what is missing (and failed, or all, as asked); local: run them to the end."""
+    if opts.dry_run:
+        return _dry_run(prepared, opts)
+    if prepared.spec.backend == "slurm":
+        return _run_slurm(prepared, opts)
+    return _run_local(prepared, opts)
+
+
+def _dry_run(prepared: Prepared, opts: Options) -> int:
+    """The table of points and what a real run would submit; reads records, queries nothing."""
     from launcher.sweep import report
 
-    spec = prepared.spec
+    old = state.load(prepared.directory) or {}
+    previous = {p["id"]: p for p in old.get("points", [])}
+    states = {}
+    for point in prepared.points:
+        now = state.record_state(prepared.run_dir(point))
+        if previous.get(point.id, {}).get("job_ids") and now in (state.NEW, "FAILED"):
+            now = SUBMITTED if now == state.NEW else now
+        states[point.id] = now
     ids = [p.id for p in prepared.points]
-    header = f"sweep {prepared.sweep_id}: {len(ids)} points on {spec.backend}" + (
-        f" ({prepared.duplicates} duplicate configs dropped)" if prepared.duplicates else ""
-    )
-    if opts.dry_run:
-        entries = [
-            {"id": p.id, "run_dir": str(prepared.plans[p.id].run_dir)} for p in prepared.points
-        ]
-        old = state.load(prepared.directory) or {}
-        attempts = {p["id"]: p.get("attempts", 0) for p in old.get("points", [])}
-        for entry in entries:
-            entry["attempts"] = attempts.get(entry["id"], 0)
-        states = _read_only_states(entries)
-        decision = decide(ids, states, retry_failed=opts.retry_failed, force=opts.force)
-        print(f"# launcher sweep plan: nothing has been submitted\n# {header}", file=opts.out)
-        print(f"# would submit {len(decision.submit)}; {skip_text(decision)}", file=opts.out)
-        rows = [
-            [str(p.index), p.id, states.get(p.id, state.NEW), decision.reasons[p.id]]
-            + [report.show_value(p.overrides[k]) for k in prepared.sweep.keys]
-            for p in prepared.points
-        ]
-        print(
-            report.table(["#", "POINT", "STATE", "ACTION", *prepared.sweep.keys], rows),
-            file=opts.out,
-        )
-        _print_backend_plan(prepared, decision.submit, opts.out)
-        return 0
-    if spec.backend == "slurm":
-        return _run_slurm(prepared, opts, header)
-    return _run_local(prepared, opts, header)
-
-
-def _read_only_states(entries: list[dict[str, Any]]) -> dict[str, str]:
-    """States as the records say, without refreshing (a dry run queries no backend)."""
-    out = {}
-    for entry in entries:
-        now = state.record_state(entry["run_dir"])
-        out[entry["id"]] = SUBMITTED if now == state.NEW and entry.get("attempts") else now
-    return out
+    decision = decide(ids, states, retry_failed=opts.retry_failed, force=opts.force)
+    out = opts.out
+    print(f"# launcher sweep plan: nothing has been submitted\n# {header(prepared)}", file=out)
+    print(f"# would submit {len(decision.submit)}; {skip_text(decision)}", file=out)
+    keys = prepared.sweep.keys
+    rows = [
+        [str(p.index), p.id, states[p.id], decision.reasons[p.id]]
+        + [report.show_value(p.overrides[k]) for k in keys]
+        for p in prepared.points
+    ]
+    print(report.table(["#", "POINT", "STATE", "ACTION", *keys], rows), file=out)
+    _print_backend_plan(prepared, decision.submit, out)
+    return 0
 
 
 def _print_backend_plan(prepared: Prepared, submit: list[str], out: TextIO) -> None:
-    plans = [prepared.plans[i] for i in submit]
     spec = prepared.spec
     limit = parallelism(prepared)
-    if spec.backend == "slurm":
-        size = array_size(prepared)
-        where = (
-            "slurm.max_array_size" if size else "Slurm's default; the cluster's is read at submit"
-        )
-        size = size or DEFAULT_MAX_ARRAY_SIZE
+    if spec.backend != "slurm":
+        print(f"# {spec.backend}: at most {limit} points at a time", file=out)
+        if submit:
+            print("# the first point's plan:", file=out)
+            print(prepared.plans[submit[0]].render(), file=out)
+        return
+    from launcher.sweep import slurm_array
+
+    size = array_size(prepared)
+    where = "slurm.max_array_size" if size else "Slurm's default; the cluster's is read at submit"
+    size = size or DEFAULT_MAX_ARRAY_SIZE
+    groups = slurm_array.chunks(submit, size)
+    print(
+        f"# slurm: {len(submit)} points in {len(groups)} array(s) of at most {size} tasks "
+        f"({where}); "
+        + (
+            f"at most {limit} tasks at once (each array starts after the one before it ends)"
+            if limit
+            else "no limit on running tasks"
+        ),
+        file=out,
+    )
+    folder = slurm_array.folder_of(prepared)
+    first = slurm_array.next_chunk_number(folder) if folder.is_dir() else 1
+    for n, group in enumerate(groups):
+        chunk_file = folder / f"chunk-{first + n}.json"
         print(
-            f"# slurm: {len(plans)} points in arrays of at most {size} tasks ({where}), "
-            f"at most {limit or 'all'} running at once",
+            f"# ---- array {n + 1}/{len(groups)}: {len(group)} points, task i runs point "
+            f"i of {chunk_file} ----",
             file=out,
         )
-        if not plans:
-            return
-        scripts = prepared.backend.render_array(  # type: ignore[attr-defined]
-            plans, folder=prepared.directory / "slurm", parallelism=limit, max_array_size=size
-        )
-        for n, script in enumerate(scripts):
-            first = n * size
-            last = min(len(plans), first + size) - 1
-            print(
-                f"# ---- array {n + 1}/{len(scripts)}: points {first}-{last} of this "
-                "submission ----",
-                file=out,
-            )
-            print(script.rstrip("\n"), file=out)
-        return
-    print(f"# {spec.backend}: at most {limit} points at a time", file=out)
-    if plans:
-        print("# the first point's plan:", file=out)
-        print(plans[0].render(), file=out)
+        script = slurm_array.render(prepared, folder, chunk_file, len(group), limit)
+        print(script.rstrip("\n"), file=out)
+    if prepared.points:
+        text = next(iter(prepared.plans.values())).render()
+        marker = "# ---- end of sbatch script ----\n"
+        print("# then each task runs its own point like this (point 0 shown):", file=out)
+        print(text.split(marker, 1)[-1], file=out)
 
 
-def _claim(prepared: Prepared, opts: Options) -> tuple[dict[str, Any], dict[str, str], Decision]:
-    """Under the lock: merged state, fresh states, and what to submit."""
+def _claim(prepared: Prepared, opts: Options) -> tuple[dict[str, Any], Decision]:
+    """Under the lock: the merged state with fresh point states, and what to submit."""
     current = merged_state(prepared)
     states = current_states(current["points"])
     for entry in current["points"]:
@@ -354,46 +410,50 @@ def _claim(prepared: Prepared, opts: Options) -> tuple[dict[str, Any], dict[str,
         retry_failed=opts.retry_failed,
         force=opts.force,
     )
-    return current, states, decision
+    return current, decision
 
 
-def _mark_submitted(entry: dict[str, Any], directory: Path, force: bool) -> None:
-    if force and entry["state"] != state.NEW:
-        _set_aside(Path(entry["run_dir"]), directory, entry["attempts"])
-    entry["attempts"] += 1
-    entry["submitted_at"] = runs.now()
-    entry["state"] = "PENDING"
+def _run_slurm(prepared: Prepared, opts: Options) -> int:
+    from launcher.sweep import slurm_array
 
-
-def array_size(prepared: Prepared) -> int | None:
-    """Configured MaxArraySize; None: the backend reads it from the cluster at submission."""
-    return prepared.spec.slurm.max_array_size
-
-
-def _run_slurm(prepared: Prepared, opts: Options, header: str) -> int:
-    folder = prepared.directory / "slurm"
     with state.locked(prepared.lock_root):
-        current, _, decision = _claim(prepared, opts)
+        current, decision = _claim(prepared, opts)
         print(
-            f"launcher: {header}; submitting {len(decision.submit)}; {skip_text(decision)}",
+            f"launcher: {header(prepared)}; submitting {len(decision.submit)}; "
+            f"{skip_text(decision)}",
             file=opts.err,
         )
         by_id = {e["id"]: e for e in current["points"]}
+        if opts.force:
+            for point_id in decision.submit:
+                entry = by_id[point_id]
+                if entry["state"] != state.NEW:
+                    _set_aside(Path(entry["run_dir"]), prepared.directory, entry["attempts"])
+
+        def submitted(array_id: str, ids: list[str]) -> None:
+            stamp = runs.now()
+            for task, point_id in enumerate(ids):
+                entry = by_id[point_id]
+                entry["attempts"] += 1
+                entry["job_ids"] = [*entry["job_ids"], f"{array_id}_{task}"]
+                entry["submitted_at"] = stamp
+                entry["state"] = "PENDING"
+            current["array_job_ids"] = [*current.get("array_job_ids", []), array_id]
+            state.save(prepared.directory, current)  # an array task may look for it now
+
         try:
-            if decision.submit:
-                for point_id in decision.submit:
-                    _mark_submitted(by_id[point_id], prepared.directory, opts.force)
-                plans = [prepared.plans[i] for i in decision.submit]
-                job_ids = prepared.backend.submit_array(  # type: ignore[attr-defined]
-                    plans,
-                    folder=folder,
-                    parallelism=parallelism(prepared),
-                    max_array_size=array_size(prepared),
-                )
-                current["array_job_ids"] = [*current.get("array_job_ids", []), *job_ids]
-                print(f"launcher: submitted array job(s) {', '.join(job_ids)}", file=opts.err)
+            job_ids = slurm_array.submit(
+                prepared,
+                decision.submit,
+                parallelism=parallelism(prepared),
+                max_array_size=array_size(prepared),
+                on_submitted=submitted,
+                hold=opts.hold,
+            )
         finally:
             state.save(prepared.directory, current)
+    if job_ids:
+        print(f"launcher: submitted array job(s) {', '.join(job_ids)}", file=opts.err)
     print(f"launcher: follow with `launcher sweep status {prepared.directory}`", file=opts.err)
     if not opts.wait:
         return 0
@@ -404,9 +464,9 @@ def _wait_all(prepared: Prepared, opts: Options) -> int:
     while True:
         current = state.load(prepared.directory) or {"points": []}
         states = current_states(current["points"])
-        if all(s not in (*ACTIVE, SUBMITTED) for s in states.values()):
+        if not any(s in WAITING for s in states.values()):
             return _finish(prepared, states, opts)
-        time.sleep(max(opts.poll_s, 1.0))
+        time.sleep(max(opts.poll_s, SLURM_POLL_S))
 
 
 def _finish(prepared: Prepared, states: dict[str, str], opts: Options) -> int:
@@ -421,22 +481,22 @@ def _finish(prepared: Prepared, states: dict[str, str], opts: Options) -> int:
     return 1 if failed else 0
 
 
-def _run_local(prepared: Prepared, opts: Options, header: str) -> int:
+def _run_local(prepared: Prepared, opts: Options) -> int:
     """Keep up to `parallelism` points of this sweep running (counting points started by
     another invocation), claiming each under the lock, until this invocation's share ends."""
     limit = parallelism(prepared) or 1
     directory = prepared.directory
     with state.locked(prepared.lock_root):
-        current, _, decision = _claim(prepared, opts)
+        current, decision = _claim(prepared, opts)
         state.save(directory, current)
     print(
-        f"launcher: {header}; running {len(decision.submit)}, at most {limit} at a time; "
-        f"{skip_text(decision)}",
+        f"launcher: {header(prepared)}; running {len(decision.submit)}, at most {limit} at a "
+        f"time; {skip_text(decision)}",
         file=opts.err,
     )
-    # Each point is claimed only if nobody submitted it since we decided.
+    # A point is claimed only if nobody submitted it since we decided (attempts unchanged).
     todo = {e["id"]: e["attempts"] for e in current["points"] if e["id"] in decision.submit}
-    queue = [i for i in decision.submit]
+    queue = list(decision.submit)
     mine: set[str] = set()
     try:
         while queue or mine:
@@ -447,27 +507,19 @@ def _run_local(prepared: Prepared, opts: Options, header: str) -> int:
                 fresh = current_states(active)
                 for entry in active:
                     entry["state"] = fresh[entry["id"]]
-                for point_id in list(mine):
-                    if by_id[point_id]["state"] not in ACTIVE:
-                        mine.discard(point_id)
+                mine = {i for i in mine if by_id[i]["state"] in ACTIVE}
                 running = sum(e["state"] in ACTIVE for e in current["points"])
-                while queue and running < limit:
-                    point_id = queue.pop(0)
-                    entry = by_id[point_id]
-                    if entry["attempts"] != todo[point_id]:
-                        continue  # another invocation took it
-                    _mark_submitted(entry, directory, opts.force)
-                    plan = prepared.plans[point_id]
-                    try:
-                        prepared.backend.submit(plan, foreground=False)
-                    except Exception:
-                        entry["state"] = state.record_state(plan.run_dir)
-                        raise
-                    finally:
-                        state.save(directory, current)
-                    mine.add(point_id)
-                    running += 1
-                state.save(directory, current)
+                try:
+                    while queue and running < limit:
+                        point_id = queue.pop(0)
+                        entry = by_id[point_id]
+                        if entry["attempts"] != todo[point_id]:
+                            continue  # another invocation took it
+                        _start_local(prepared, entry, opts.force)
+                        mine.add(point_id)
+                        running += 1
+                finally:
+                    state.save(directory, current)
             if queue or mine:
                 time.sleep(opts.poll_s)
     except KeyboardInterrupt:
@@ -481,17 +533,15 @@ def _run_local(prepared: Prepared, opts: Options, header: str) -> int:
     return _finish(prepared, final, opts)
 
 
-def check_backend(prepared: Prepared) -> None:
-    """Slurm: every point must fit one array (same resources), checked before submitting."""
-    if prepared.spec.backend != "slurm":
-        return
-    if not hasattr(prepared.backend, "submit_array"):
-        raise ConfigError(
-            "this Slurm backend cannot submit job arrays (launcher.backends.slurm has no "
-            "submit_array)",
-            file=prepared.loaded.file,
-            key="backend",
-        )
-    plans = list(prepared.plans.values())
-    if plans:
-        prepared.backend._array_params(plans, parallelism(prepared))  # type: ignore[attr-defined]
+def _start_local(prepared: Prepared, entry: dict[str, Any], force: bool) -> None:
+    if force and entry["state"] != state.NEW:
+        _set_aside(Path(entry["run_dir"]), prepared.directory, entry["attempts"])
+    entry["attempts"] += 1
+    entry["submitted_at"] = runs.now()
+    entry["state"] = "PENDING"
+    plan = prepared.plans[entry["id"]]
+    try:
+        prepared.backend.submit(plan, foreground=False)
+    except BaseException:
+        entry["state"] = state.record_state(plan.run_dir)
+        raise

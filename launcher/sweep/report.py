@@ -13,6 +13,13 @@ from launcher import runs
 from launcher.errors import RunNotFound
 from launcher.sweep import state
 
+# Up to this many distinct values of a key are plotted as evenly spaced categories.
+FEW_VALUES = 12
+
+
+def _order_key(label: str) -> float:
+    return float(label)
+
 
 def show_value(value: Any) -> str:
     """A swept value as a table cell: floats in 6 significant digits, mappings as JSON."""
@@ -56,7 +63,10 @@ def collect(directory: Path, metric: str | None = None) -> tuple[dict[str, Any],
             except (RunNotFound, ValueError):
                 record = {}
         info = record.get("backend_info") or {}
-        job = info.get("job_id") or ",".join(entry.get("job_ids") or [])
+        job_ids = entry.get("job_ids") or []
+        if job_ids and info.get("job_id") != job_ids[-1]:
+            record = {}  # from an earlier attempt; this one's task has not started yet
+        job = job_ids[-1] if job_ids else info.get("job_id", "")
         rows.append(
             {
                 "index": entry["index"],
@@ -65,7 +75,7 @@ def collect(directory: Path, metric: str | None = None) -> tuple[dict[str, Any],
                 "attempts": entry.get("attempts", 0),
                 "job_id": str(job or ""),
                 **{f"key:{k}": entry["overrides"].get(k) for k in current["keys"]},
-                "metric": state.read_metric(entry["run_dir"], metric),
+                "metric": state.read_metric(entry["run_dir"], metric) if record else None,
                 "error": record.get("error") or "",
                 "run_dir": entry["run_dir"],
             }
@@ -149,25 +159,29 @@ def _plot(current: dict[str, Any], rows: list[dict], keys: list[str], metric: st
         values = [r[f"key:{key}"] for r in have]
         ys = [r["metric"] for r in have]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if numeric and values:
+        distinct = sorted({show_value(v) for v in values}, key=_order_key if numeric else str)
+        if numeric and len(distinct) > FEW_VALUES:
+            # Many values (random search): a real x axis, log for loguniform / wide ranges.
             ax.scatter(values, ys, s=18, alpha=0.8)
-            positive = min(values) > 0
-            if key in log_keys or (positive and max(values) / min(values) >= 100):
+            if key in log_keys or (min(values) > 0 and max(values) / min(values) >= 100):
                 ax.set_xscale("log")
         elif values:
-            labels = sorted({show_value(v) for v in values})
-            pos = {label: n for n, label in enumerate(labels)}
-            ax.scatter([pos[show_value(v)] for v in values], ys, s=18, alpha=0.8)
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+            # A few values (grid, seeds, categories): evenly spaced, with the mean of each.
+            pos = {label: n for n, label in enumerate(distinct)}
+            xs = [pos[show_value(v)] for v in values]
+            ax.scatter(xs, ys, s=18, alpha=0.8)
+            means = [
+                sum(y for x, y in zip(xs, ys, strict=True) if x == n) / xs.count(n)
+                for n in range(len(distinct))
+            ]
+            ax.plot(range(len(distinct)), means, color="C1", marker="_", label="mean")
+            ax.set_xticks(range(len(distinct)), distinct, rotation=30, ha="right")
+            ax.legend(fontsize="small")
         else:
             ax.text(
-                0.5,
-                0.5,
-                f"no '{metric}' values yet",
-                ha="center",
-                va="center",
+                0.5, 0.5, f"no '{metric}' values yet", ha="center", va="center",
                 transform=ax.transAxes,
-            )
+            )  # fmt: skip
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -99,7 +99,7 @@ def new_state(
     }
 
 
-def new_point(index: int, point_id: str, run_dir: Path, overrides: dict[str, Any]) -> dict:
+def new_point(index: int, point_id: str, run_dir: str | Path, overrides: dict[str, Any]) -> dict:
     return {
         "index": index,
         "id": point_id,
