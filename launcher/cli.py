@@ -332,8 +332,12 @@ VERBS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:
+        # The sweep verb parses its own options (they may come before CONFIG).
+        args = argparse.Namespace(verb="sweep", args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return VERBS[args.verb](args)
     except LauncherError as exc:

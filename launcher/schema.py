@@ -203,6 +203,7 @@ def type_at(cls: type, dotted: str, *, file: str | None = None) -> Any:
     for part in dotted.split("."):
         base = _dataclass_in(tp)
         if base is None:
+            tp = _without_none(tp)
             if typing.get_origin(tp) is dict or tp is Any:
                 return typing.get_args(tp)[1] if typing.get_args(tp) else Any
             raise ConfigError("is not a section with keys", file=file, key=walked.rstrip("."))
@@ -211,6 +212,15 @@ def type_at(cls: type, dotted: str, *, file: str | None = None) -> Any:
             raise _unknown_key_error(part, list(fields), file, walked)
         tp = hints(base)[part]
         walked += part + "."
+    return tp
+
+
+def _without_none(tp: Any) -> Any:
+    """`X | None` -> X (for walking into optional sections)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
     return tp
 
 

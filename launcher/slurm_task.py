@@ -86,7 +86,10 @@ class StepTask(submitit.helpers.Checkpointable):
         env["MASTER_PORT"] = str(_free_port())
         _attempt_event(run_dir, "start")
         self._proc = subprocess.Popen(self.srun_argv, env=env)
-        code = self._proc.wait()
+        # Poll instead of wait(): submitit's signal handler runs checkpoint() on top of this
+        # frame, and a blocking wait() here would hold the lock its wait() needs.
+        while (code := self._proc.poll()) is None:
+            time.sleep(0.2)
         _attempt_event(run_dir, "end", exit_code=code)
         if code != 0:
             raise RuntimeError(f"the job step exited with code {code} (logs: {run_dir}/logs)")
@@ -98,9 +101,10 @@ class StepTask(submitit.helpers.Checkpointable):
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGUSR2)  # srun relays it to every task
-            try:
-                proc.wait(timeout=self.grace_s)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + self.grace_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None:
                 proc.terminate()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if restarts >= self.max_requeue:

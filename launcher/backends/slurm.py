@@ -13,7 +13,6 @@ in a pyxis container. Callables run through submitit in every task (`CallableTas
 
 from __future__ import annotations
 
-import functools
 import json
 import shlex
 import subprocess
@@ -273,63 +272,13 @@ class SlurmBackend:
             {"script": script},
         )
 
-    def render_array(
-        self, plans: list[Plan], *, folder: Path, parallelism: int | None, max_array_size: int
-    ) -> list[str]:
-        """Pure: the sbatch script of each array chunk (for --dry-run of a sweep)."""
-        params = self._array_params(plans, parallelism)
-        command = submitit_command(folder, step_mode(plans[0].spec))
-        return [
-            render_sbatch(command, folder, params, map_count=len(chunk))
-            for chunk in _chunks(plans, max_array_size)
-        ]
-
     def submit(self, plan: Plan, *, foreground: bool = False) -> int:
         prepare_run_dir(plan)
         executor = _executor(Path(plan.payload["folder"]), plan.spec, plan.payload["params"])
-        job = _submit_or_fail(executor, _task(plan))
+        job = _submit_or_fail(executor, task_for(plan))
         _mark_submitted(plan, job.job_id, plan.payload["folder"])
         print(f"submitted Slurm job {job.job_id}; follow with: launcher logs {plan.run_id} -f")
         return 0
-
-    def submit_array(
-        self,
-        plans: list[Plan],
-        *,
-        folder: Path,
-        parallelism: int | None,
-        max_array_size: int | None,
-    ) -> list[str]:
-        """Submit plans (same resources) as job arrays, one sbatch per chunk."""
-        if not plans:
-            return []
-        size = max_array_size or cluster_max_array_size()
-        params = self._array_params(plans, parallelism)
-        array_ids = []
-        for chunk in _chunks(plans, size):
-            for plan in chunk:
-                prepare_run_dir(plan)
-            executor = _executor(folder, chunk[0].spec, params)
-            with executor.batch():
-                jobs = [executor.submit(_task(plan)) for plan in chunk]
-            for plan, job in zip(chunk, jobs, strict=True):
-                _mark_submitted(plan, job.job_id, str(folder))
-            array_ids.append(jobs[0].job_id.split("_")[0])
-        return array_ids
-
-    @staticmethod
-    def _array_params(plans: list[Plan], parallelism: int | None) -> dict[str, Any]:
-        params = dict(plans[0].payload["params"])
-        for plan in plans[1:]:
-            if plan.payload["params"] != params:
-                raise ConfigError(
-                    "all points of a Slurm array must ask for the same resources and sbatch "
-                    "settings; sweep only keys that do not change them",
-                    file=plans[0].config_file,
-                    key="sweep",
-                )
-        params["array_parallelism"] = parallelism or len(plans)
-        return params
 
     def refresh(self, run_dirs: list[Path]) -> None:
         records = {d: runs.read_record(d) for d in run_dirs}
@@ -395,10 +344,6 @@ def _render_text(spec: JobSpec, run_dir: Path, script: str, payload: dict[str, A
     return "\n".join(lines)
 
 
-def _chunks(plans: list[Plan], size: int) -> list[list[Plan]]:
-    return [plans[i : i + size] for i in range(0, len(plans), size)]
-
-
 def prepare_run_dir(plan: Plan) -> None:
     run_dir = plan.run_dir
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -414,51 +359,11 @@ def prepare_run_dir(plan: Plan) -> None:
     runs.write_record(run_dir, record)
 
 
-@functools.cache
-def _executor_class():
-    """submitit's SlurmExecutor, but job arrays keep the executor's `python` command.
-
-    submitit 1.5 builds array submissions with a fresh SlurmExecutor that forgets a custom
-    `python` (our `exec python`, needed for B:USR2 in step mode); this keeps it.
-    """
-    import uuid
-
-    import submitit
-    from submitit.core import utils
-
-    class Executor(submitit.SlurmExecutor):
-        def _internal_process_submissions(self, delayed_submissions):
-            if len(delayed_submissions) == 1:
-                return super()._internal_process_submissions(delayed_submissions)
-            folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
-            folder.mkdir(parents=True, exist_ok=True)
-            timeout_min = self.parameters.get("time", 5)
-            pickle_paths = []
-            for delayed in delayed_submissions:
-                pickle_path = folder / f"{uuid.uuid4().hex}.pkl"
-                delayed.set_timeout(timeout_min, self.max_num_timeout)
-                delayed.dump(pickle_path)
-                pickle_paths.append(pickle_path)
-            array_ex = Executor(self.folder, self.max_num_timeout, python=self.python)
-            array_ex.update_parameters(**self.parameters)
-            array_ex.parameters["map_count"] = len(delayed_submissions)
-            self._throttle()
-            first = array_ex._submit_command(self._submitit_command_str)
-            tasks = list(range(first.num_tasks))
-            jobs = [
-                submitit.SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{i}", tasks=tasks)
-                for i in range(len(delayed_submissions))
-            ]
-            for job, pickle_path in zip(jobs, pickle_paths, strict=True):
-                job.paths.move_temporary_file(pickle_path, "submitted_pickle")
-            return jobs
-
-    return Executor
-
-
 def _executor(folder: Path, spec: JobSpec, params: dict[str, Any]):
+    import submitit
+
     try:
-        executor = _executor_class()(
+        executor = submitit.SlurmExecutor(
             folder=folder,
             max_num_timeout=spec.slurm.max_requeue,
             python=submitit_python(step_mode(spec)),
@@ -469,7 +374,8 @@ def _executor(folder: Path, spec: JobSpec, params: dict[str, Any]):
     return executor
 
 
-def _task(plan: Plan):
+def task_for(plan: Plan):
+    """The submitit callable for a plan: the host-side step, or the callable in every task."""
     from launcher.slurm_task import CallableTask, StepTask
 
     spec, env = plan.spec, plan.payload["env"]

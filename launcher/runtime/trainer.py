@@ -497,14 +497,15 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
         if stopping:
             if ctx.distributed:
                 tdist.barrier(group=ctx.control)  # nobody exits before the checkpoint is in place
-            if ctx.is_main:
-                log.info(
-                    "stopped by %s after step %d; checkpoint %s",
-                    stop.name or "another rank",
-                    step,
-                    last_path,
-                )
-            metrics.event("stop", step=step, signal=stop.name, checkpoint=str(last_path))
+            log.info(
+                "stopped by %s after step %d; checkpoint %s",
+                stop.name or "another rank",
+                step,
+                last_path,
+            )
+            metrics.event(
+                "stop", step=step, signal=stop.name or "another rank", checkpoint=str(last_path)
+            )
         else:
             metrics.event("end", step=step, loss=last_loss)
     finally:

@@ -55,7 +55,7 @@ def prepare_task(chunk_file: Path, array_job_id: str, task_index: int) -> tuple[
         sweep_dir=chunk["sweep_dir"],
     )
     tmp = pickle.with_name(f".{pickle.name}.tmp")
-    delayed = DelayedSubmission(slurm._task(plan))
+    delayed = DelayedSubmission(slurm.task_for(plan))
     # As submitit's executor does: the requeue budget travels in the pickle.
     delayed.set_timeout(spec.resources.time_min, spec.slurm.max_requeue)
     delayed.dump(tmp)
