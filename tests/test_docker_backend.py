@@ -12,7 +12,8 @@ from launcher import runs
 from launcher.backends.docker import LABEL
 from tests.conftest import ROOT, launcher_cmd
 
-pytestmark = pytest.mark.docker
+# One xdist worker runs every docker test, one after another (shared engine and image).
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("docker")]
 
 
 def _config(tmp_path: Path, image: str, **sections) -> Path:

@@ -18,6 +18,9 @@ from launcher.image import build_image, context_files, image_tag, run_build_comm
 from launcher.spec import ImageSpec
 from tests.conftest_docker import TEST_REPOSITORY
 
+# One xdist worker runs every docker test, one after another (shared engine and image).
+pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("docker")]
+
 
 def _copy_tree(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, symlinks=True)

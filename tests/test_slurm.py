@@ -14,7 +14,8 @@ from launcher import runs
 from tests.conftest import ROOT, launcher_cmd
 from tests.slurm_helpers import only_run, require_cluster, wait_file, wait_state
 
-pytestmark = pytest.mark.slurm
+# One xdist worker runs every slurm test, one after another (shared cluster).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(autouse=True)

@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 
 from launcher import config
-from launcher.backends.slurm import BACKEND, executor_params, render_sbatch, submitit_command
+from launcher.backends.slurm import BACKEND, render_sbatch, submitit_command
 from tests.conftest import ROOT, launcher_cmd
 from tests.slurm_helpers import require_cluster
 
 EXPECTED = Path(__file__).parent / "expected"
-HOSTILE = 'it\'s "q" $(touch /tmp/pwned-sub) `touch /tmp/pwned-tick`; touch /tmp/pwned-semi\ntouch /tmp/pwned-newline'
+HOSTILE = (
+    "it's \"q\" $(touch /tmp/pwned-sub) `touch /tmp/pwned-tick`; touch /tmp/pwned-semi"
+    "\ntouch /tmp/pwned-newline"
+)
 
 
 def _plan(cfg: str | Path, *overrides: str, tmp: Path):

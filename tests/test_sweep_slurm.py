@@ -18,7 +18,8 @@ from launcher import runs
 from launcher.sweep import execute
 from tests.conftest import ROOT, need
 
-pytestmark = pytest.mark.slurm
+# One xdist worker runs every slurm test, one after another (shared cluster).
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 # A callable job: one submitit process per task, the cheapest tiny job on Slurm.
 TINY_JOB = """
