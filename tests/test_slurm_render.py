@@ -17,7 +17,7 @@ from tests.slurm_helpers import require_cluster
 
 EXPECTED = Path(__file__).parent / "expected"
 HOSTILE = (
-    "it's \"q\" $(touch /tmp/pwned-sub) `touch /tmp/pwned-tick`; touch /tmp/pwned-semi"
+    'it\'s "q" $(touch /tmp/pwned-sub) `touch /tmp/pwned-tick`; touch /tmp/pwned-semi'
     "\ntouch /tmp/pwned-newline"
 )
 
