@@ -298,7 +298,7 @@ class SlurmBackend:
             raise BackendError(f"run {record['run_id']} has no Slurm job id")
         if record["state"] in runs.FINAL_STATES:
             raise BackendError(f"run {record['run_id']} already ended ({record['state']})")
-        _run(["scancel", job_id])
+        run_slurm_command(["scancel", job_id])
         runs.update_record(
             run_dir, state="CANCELLED", ended_at=runs.now(), error="cancelled by launcher cancel"
         )
@@ -406,7 +406,8 @@ def _mark_submitted(plan: Plan, job_id: str, folder: str) -> None:
     )
 
 
-def _run(argv: list[str]) -> str:
+def run_slurm_command(argv: list[str]) -> str:
+    """Run a Slurm client command; its failure is a one-line BackendError."""
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     except FileNotFoundError:
@@ -418,7 +419,7 @@ def _run(argv: list[str]) -> str:
 
 def cluster_max_array_size() -> int:
     """MaxArraySize from the controller (`scontrol show config`); Slurm's default 1001."""
-    for line in _run(["scontrol", "show", "config"]).splitlines():
+    for line in run_slurm_command(["scontrol", "show", "config"]).splitlines():
         key, _, value = line.partition("=")
         if key.strip() == "MaxArraySize":
             return int(value.strip())
@@ -429,7 +430,7 @@ def query_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     """One sacct call (plus one squeue, which sees new jobs before sacct) for all jobs."""
     bases = sorted({j.split("_")[0] for j in job_ids})
     states: dict[str, dict[str, str]] = {}
-    out = _run(["sacct", "-X", "-P", "-n", "-j", ",".join(bases), "-o", SACCT_FIELDS])
+    out = run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ",".join(bases), "-o", SACCT_FIELDS])
     for line in out.splitlines():
         parts = line.split("|")
         if len(parts) >= 6:
@@ -441,7 +442,7 @@ def query_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
                 "nodes": parts[5],
             }
     try:
-        queue = _run(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T"])
+        queue = run_slurm_command(["squeue", "-h", "-j", ",".join(bases), "-o", "%i|%T"])
     except BackendError:
         queue = ""  # squeue refuses ids it no longer knows; sacct has them
     for line in queue.splitlines():

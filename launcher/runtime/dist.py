@@ -7,6 +7,7 @@ One function reads the environment into a `DistEnv` (pure, testable without torc
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import os
 import re
@@ -291,10 +292,17 @@ def init(
 
 def teardown(ctx: DistContext) -> None:
     """Leave the process group if we made it (a caller's group is the caller's to close)."""
-    if ctx.owns_group and dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # Free unreachable DDP modules first: their Reducers must let go of the group before it
+    # is destroyed (see the trainer's note on the GIL deadlock).
+    gc.collect()
+    if ctx.owns_group:
         dist.destroy_process_group()
         ctx.owns_group = False
-        ctx.control = None
+    elif ctx.control is not None:
+        dist.destroy_process_group(ctx.control)
+    ctx.control = None
 
 
 @contextmanager

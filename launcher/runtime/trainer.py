@@ -5,10 +5,11 @@ LR schedule -> resume from the newest checkpoint -> steps of `global_batch_size`
 micro batches (`no_sync` on all but the last), bf16/fp16/fp32 -> metrics per step, atomic
 checkpoints, and on SIGUSR1/SIGUSR2/SIGTERM: finish the step, checkpoint, return `preempted`.
 
-Stopping is agreed between ranks without a blocking collective per step: each step posts an
-asynchronous all-reduce of [stop flag, previous step's loss] on a gloo side group and waits for
-it only after its own forward/backward, so the ranks stop after the same step. A signal is
-acted on after the step in progress (or, with several ranks, at most one step later).
+Stopping is agreed between ranks without a blocking collective per step: about every 0.25 s
+of training the ranks all-reduce [stop flag, step times, losses of the steps since] in one
+asynchronous call on a gloo side group that hides behind a step's compute (`_Control`), so all
+ranks stop after the same step. One process acts on a signal after the step in progress;
+several ranks within about 0.25 s of training plus one step.
 """
 
 from __future__ import annotations
@@ -176,25 +177,72 @@ def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> A
     return batch
 
 
+# How often the ranks exchange the stop flag and the losses of the steps since the last time.
+CONTROL_PERIOD_S = 0.25
+MAX_CONTROL_INTERVAL = 100
+
+
 class _Control:
-    """Asynchronous all-reduce of [stop flag, loss] on the gloo side group."""
+    """Every `interval` steps the ranks all-reduce [stop flag, step times, losses of the last
+    steps] in one asynchronous call on the gloo side group: posted at the start of a step,
+    waited for at its end, so it hides behind that step's compute.
+
+    A collective per step would cost more than a small model's step (0.5-1 ms each with gloo
+    on a busy CPU), so the interval adapts to about CONTROL_PERIOD_S of training. Every rank
+    computes it from the same reduced numbers, so all ranks post at the same steps. With one
+    process nothing is sent; losses still leave the device once per window, not per step.
+    """
 
     def __init__(self, ctx: dist.DistContext) -> None:
         self.group = ctx.control
         self.world = ctx.env.world_size
         self.on = ctx.distributed
+        self.interval = 1
+        self.window: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self.flight: tuple[Any, torch.Tensor, list[dict[str, Any]]] | None = None
 
-    def post(self, flag: bool, loss: float) -> tuple[Any, torch.Tensor]:
-        data = torch.tensor([1.0 if flag else 0.0, loss], dtype=torch.float64)
-        if not self.on:
-            return None, data
-        return tdist.all_reduce(data, group=self.group, async_op=True), data
+    def add(self, record: dict[str, Any], loss: torch.Tensor) -> None:
+        self.window.append((record, loss))
 
-    def wait(self, handle: tuple[Any, torch.Tensor]) -> tuple[bool, float]:
-        work, data = handle
+    def _post(self, flag: bool, async_op: bool) -> None:
+        records = [r for r, _ in self.window]
+        losses = [loss.reshape(1) for _, loss in self.window]
+        self.window = []
+        head = torch.tensor(
+            [1.0 if flag else 0.0, sum(r["step_time_s"] for r in records), len(records)],
+            dtype=torch.float64,
+        )
+        data = torch.cat([head, torch.cat(losses).double().cpu()]) if losses else head
+        work = None
+        if self.on:
+            work = tdist.all_reduce(data, group=self.group, async_op=async_op)
+        self.flight = (work, data, records)
+
+    def maybe_post(self, flag: bool) -> None:
+        if self.flight is None and len(self.window) >= self.interval:
+            self._post(flag, async_op=True)
+
+    def finish(self) -> tuple[bool, list[tuple[dict[str, Any], float]]]:
+        """Wait for the exchange in flight: (any rank asked to stop, [(record, mean loss)])."""
+        if self.flight is None:
+            return False, []
+        work, data, records = self.flight
+        self.flight = None
         if work is not None:
             work.wait()
-        return bool(data[0] > 0), float(data[1]) / (self.world if self.on else 1)
+        count = float(data[2])
+        if count:
+            step_s = float(data[1]) / count
+            self.interval = max(1, min(MAX_CONTROL_INTERVAL, int(CONTROL_PERIOD_S / step_s)))
+        losses = (data[3:] / (self.world if self.on else 1)).tolist()
+        return bool(data[0] > 0), list(zip(records, losses, strict=True))
+
+    def flush(self, flag: bool = False) -> tuple[bool, list[tuple[dict[str, Any], float]]]:
+        """Exchange now (all ranks at the same step): before a checkpoint and at the end."""
+        flagged, done = self.finish()
+        self._post(flag, async_op=False)
+        flagged2, more = self.finish()
+        return flagged or flagged2, done + more
 
 
 def _maybe_fetch_data(spec: JobSpec, ctx: dist.DistContext) -> None:
@@ -246,14 +294,18 @@ def train(
     """
     run_dir = Path(run_dir)
     stop = stop or StopRequest()
+    # Before any DataLoader worker forks: workers inherit the handlers, so a signal sent to
+    # the whole process group (scancel --signal) does not kill them.
     previous = stop.install() if handle_signals else {}
-    configure_determinism(spec.train.deterministic)  # before CUDA does any work
-    ctx = dist.init(timeout_s=spec.train.dist_timeout_s, environ=environ)
     try:
-        _maybe_fetch_data(spec, ctx)
-        return _train(spec, run_dir, ctx, stop)
+        configure_determinism(spec.train.deterministic)  # before CUDA does any work
+        ctx = dist.init(timeout_s=spec.train.dist_timeout_s, environ=environ)
+        try:
+            _maybe_fetch_data(spec, ctx)
+            return _train(spec, run_dir, ctx, stop)
+        finally:
+            dist.teardown(ctx)
     finally:
-        dist.teardown(ctx)
         StopRequest.restore(previous)
 
 
@@ -300,6 +352,7 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
     step = epoch = samples_in_epoch = 0
     resumed_from: Path | None = None
     rng: dict[str, Any] | None = None
+    resumed_loss: float | None = None
     found = _agree_on_checkpoint(folder, ctx) if train.resume else None
     if found is not None:
         resumed_from, state = found
@@ -310,6 +363,7 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
             scaler.load_state_dict(state["scaler"])
         step, epoch = int(state["step"]), int(state["epoch"])
         samples_in_epoch = int(state["samples_in_epoch"])
+        resumed_loss = state.get("loss")
         if len(state["rng"]) == world:
             rng = state["rng"][rank]
         else:
@@ -365,19 +419,26 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
         )
 
     control = _Control(ctx)
-    pending: dict[str, Any] | None = None  # last step's record, waiting for the global loss
-    last_loss: float | None = None
-    last_path: Path | None = None
+    last_loss: float | None = resumed_loss
+    last_path: Path | None = resumed_from
     stopping = False
     run_samples, run_time = 0, 0.0
     non_blocking = picks.pin_memory and uses_gpu
 
-    def emit(record: dict[str, Any], loss: float) -> None:
+    def emit(done: list[tuple[dict[str, Any], float]]) -> None:
         nonlocal last_loss
+        for record, loss in done:
+            emit_one(record, loss)
+            last_loss = loss
+
+    def emit_one(record: dict[str, Any], loss: float) -> None:
         record["loss"] = loss
-        last_loss = loss
         metrics.write(record)
-        if ctx.is_main and (record["step"] % train.log_every == 0 or record["step"] == 1):
+        if not ctx.is_main:
+            return
+        if not math.isfinite(loss) and scaler is None:
+            log.warning("step %d: loss is %s", record["step"], loss)
+        if record["step"] % train.log_every == 0 or record["step"] == 1:
             log.info(
                 "step %d/%d loss %.4f lr %.3g %.0f samples/s",
                 record["step"],
@@ -405,6 +466,7 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs,
+                "loss": last_loss,
                 "train": to_dict(train),
             }
             path = ckpt.save(folder, step, state, keep_last=train.keep_last)
@@ -425,7 +487,7 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
             batches = iter(loader)
             while step < train.steps and micro_left >= accum and not stopping:
                 t0 = time.perf_counter()
-                handle = control.post(stop.requested, pending["loss_local"] if pending else 0.0)
+                control.maybe_post(stop.requested)
                 total = torch.zeros((), device=device)
                 for i in range(accum):
                     batch = to_device(next(batches), device, non_blocking)
@@ -458,8 +520,7 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
                 step += 1
                 micro_left -= accum
                 samples_in_epoch += train.global_batch_size
-                loss_local = float(total) / accum
-                flagged, prev_loss = control.wait(handle)
+                flagged, done = control.finish()
                 dt = time.perf_counter() - t0
                 if step > 1 or resumed_from is not None:
                     run_samples += train.global_batch_size
@@ -471,26 +532,12 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
                     "samples_per_s": train.global_batch_size / dt,
                     "step_time_s": dt,
                     "time": round(time.time(), 3),
-                    "loss_local": loss_local,
                 }
-                if ctx.distributed:
-                    if pending is not None:
-                        pending.pop("loss_local")
-                        emit(pending, prev_loss)
-                    pending = record
-                    stopping = flagged
-                else:
-                    record.pop("loss_local")
-                    emit(record, loss_local)
-                    stopping = stop.requested
-                if not math.isfinite(loss_local) and scaler is None:
-                    log.warning("step %d: loss is %s", step, loss_local)
+                control.add(record, total / accum)
+                emit(done)
+                stopping = flagged if ctx.distributed else stop.requested
                 if stopping or step % train.checkpoint_every == 0 or step == train.steps:
-                    if pending is not None:
-                        pending.pop("loss_local")
-                        _, mean = control.wait(control.post(False, loss_local))
-                        emit(pending, mean)
-                        pending = None
+                    emit(control.flush()[1])
                     last_path = save_checkpoint()
             if micro_left < accum and not stopping:
                 epoch, samples_in_epoch = epoch + 1, 0
@@ -510,6 +557,10 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
             metrics.event("end", step=step, loss=last_loss)
     finally:
         metrics.close()
+        # Drop DDP (its Reducer holds the process group) and in-flight work now, also when
+        # an exception's traceback keeps this frame alive: a gloo group destroyed later from
+        # a Reducer's destructor can deadlock on the GIL with its own worker threads.
+        ddp = control = batches = out = loss = scaled = None  # noqa: F841
     return TrainResult(
         steps_done=step,
         final_loss=last_loss,

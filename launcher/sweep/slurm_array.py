@@ -206,30 +206,20 @@ def _expand(job: str) -> list[str]:
     return out
 
 
-def _run(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        raise BackendError(f"{argv[0]} not found: is this a Slurm login node?") from None
-    if out.returncode != 0:
-        raise BackendError(f"{shlex.join(argv[:2])} failed: {out.stderr.strip()[:300]}")
-    return out.stdout
-
-
 def task_states(job_ids: list[str]) -> dict[str, str]:
     """Launcher states of array tasks ('A_i') from ONE sacct and ONE squeue call: for
     points whose task has not written its run record (still queued, or died before)."""
-    from launcher.backends.slurm import FAILED
+    from launcher.backends.slurm import FAILED, run_slurm_command
 
     bases = sorted({j.split("_")[0] for j in job_ids})
     slurm_state: dict[str, str] = {}
-    out = _run(["sacct", "-X", "-P", "-n", "-j", ",".join(bases), "-o", "JobID,State"])
+    out = run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ",".join(bases), "-o", "JobID,State"])
     for line in out.splitlines():
         job, _, st = line.partition("|")
         for task in _expand(job.strip()):
             slurm_state[task] = st.split()[0] if st.split() else ""
     try:
-        queue = _run(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
+        queue = run_slurm_command(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
     except BackendError:
         queue = ""  # every job already left the queue: sacct has them
     for line in queue.splitlines():
