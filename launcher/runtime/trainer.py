@@ -124,9 +124,10 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
-    def write(self, record: dict[str, Any]) -> None:
-        if self.fh is not None:
-            self.fh.write(json.dumps(record, sort_keys=True) + "\n")
+    def write(self, *records: dict[str, Any]) -> None:
+        """Append whole lines and flush once (a reader never sees half a batch for long)."""
+        if self.fh is not None and records:
+            self.fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
             self.fh.flush()
 
     def event(self, name: str, **fields: Any) -> None:
@@ -428,25 +429,21 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
     def emit(done: list[tuple[dict[str, Any], float]]) -> None:
         nonlocal last_loss
         for record, loss in done:
-            emit_one(record, loss)
-            last_loss = loss
-
-    def emit_one(record: dict[str, Any], loss: float) -> None:
-        record["loss"] = loss
-        metrics.write(record)
-        if not ctx.is_main:
-            return
-        if not math.isfinite(loss) and scaler is None:
-            log.warning("step %d: loss is %s", record["step"], loss)
-        if record["step"] % train.log_every == 0 or record["step"] == 1:
-            log.info(
-                "step %d/%d loss %.4f lr %.3g %.0f samples/s",
-                record["step"],
-                train.steps,
-                loss,
-                record["lr"],
-                record["samples_per_s"],
-            )
+            record["loss"] = last_loss = loss
+            if not ctx.is_main:
+                continue
+            if not math.isfinite(loss) and scaler is None:
+                log.warning("step %d: loss is %s", record["step"], loss)
+            if record["step"] % train.log_every == 0 or record["step"] == 1:
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g %.0f samples/s",
+                    record["step"],
+                    train.steps,
+                    loss,
+                    record["lr"],
+                    record["samples_per_s"],
+                )
+        metrics.write(*(record for record, _ in done))
 
     def save_checkpoint() -> Path:
         rngs: list[Any] = [None] * world
@@ -488,9 +485,11 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
             while step < train.steps and micro_left >= accum and not stopping:
                 t0 = time.perf_counter()
                 control.maybe_post(stop.requested)
-                total = torch.zeros((), device=device)
+                total: torch.Tensor | None = None
                 for i in range(accum):
-                    batch = to_device(next(batches), device, non_blocking)
+                    batch = next(batches)
+                    if device.type != "cpu":
+                        batch = to_device(batch, device, non_blocking)
                     sync = ddp.no_sync() if ctx.distributed and i < accum - 1 else None
                     with sync or contextlib.nullcontext():
                         with autocast(train.precision, device):
@@ -499,12 +498,14 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
                             else:
                                 out = ddp(batch)
                             loss = models.loss_of(out)
-                        scaled = loss.float() / accum
+                        # Mean over the micro batches; no extra graph node without accumulation.
+                        scaled = loss.float() / accum if accum > 1 else loss.float()
                         if scaler is not None:
                             scaler.scale(scaled).backward()
                         else:
                             scaled.backward()
-                    total += loss.detach().float()
+                    part = loss.detach().float()
+                    total = part if total is None else total + part
                 if train.grad_clip is not None:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
@@ -533,11 +534,14 @@ def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopReques
                     "step_time_s": dt,
                     "time": round(time.time(), 3),
                 }
-                control.add(record, total / accum)
+                control.add(record, total / accum if accum > 1 else total)
                 emit(done)
                 stopping = flagged if ctx.distributed else stop.requested
                 if stopping or step % train.checkpoint_every == 0 or step == train.steps:
-                    emit(control.flush()[1])
+                    flagged, done = control.flush(stop.requested)
+                    emit(done)
+                    # Every rank sees the same reduced flag: stopping stays agreed.
+                    stopping = stopping or (flagged if ctx.distributed else stop.requested)
                     last_path = save_checkpoint()
             if micro_left < accum and not stopping:
                 epoch, samples_in_epoch = epoch + 1, 0
