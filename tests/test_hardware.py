@@ -18,7 +18,9 @@ def hw(cpus=16, mem=64 * GIB, shm=32 * GIB, gpus=0) -> Hardware:
 
 def test_workers_split_cpus_between_local_processes():
     picks = pick_loader(hw(cpus=16), 4)
-    assert picks.num_workers == 3  # 16 / 4 = 4 per process, one left for the main loop
+    assert picks.num_workers == 8  # 16 / 4 = 4 CPUs per process, 2 workers per CPU
+    assert pick_loader(hw(cpus=2), 2).num_workers == 0  # 1 CPU each: main-process loading
+    assert pick_loader(hw(cpus=256), 1).num_workers == 16  # capped
     assert picks.persistent_workers and picks.prefetch_factor == 2
     assert "16 CPUs" in picks.reasons["num_workers"]
 
