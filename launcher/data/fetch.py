@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from launcher.errors import DataError
-from launcher.runs import atomic_write_json
+from launcher.runs import atomic_write_json, fsync_dir
 from launcher.spec import DataSourceSpec, DataSpec
 
 META = ".launcher"
@@ -246,9 +246,9 @@ def _fetch_one(
                 else:
                     content.mkdir()
                     file = file.rename(content / file.name)
-            _fsync_dir(content)
+            fsync_dir(content)
             os.rename(content, entry)
-            _fsync_dir(cache)
+            fsync_dir(cache)
             result = entry if (src.extract or src.is_folder) else entry / file.name
             _write_marker(marker, fingerprint, result, digests)
         finally:
@@ -298,9 +298,9 @@ def _fetch_local(
             _remove(staging, meta)
             try:
                 _extract(path, staging, label)
-                _fsync_dir(staging)
+                fsync_dir(staging)
                 os.rename(staging, entry)
-                _fsync_dir(cache)
+                fsync_dir(cache)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             result = entry
@@ -384,14 +384,6 @@ def _remove(path: Path, meta: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         trash.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size(path: Path) -> int:

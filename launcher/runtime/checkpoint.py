@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from launcher.runs import atomic_write
 
 PATTERN = re.compile(r"step-(\d+)\.pt")
 TMP_PREFIX = ".step-"
@@ -41,14 +41,6 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete temp files left by a writer that was killed (only one writer per run)."""
     removed = []
@@ -65,18 +57,12 @@ def save(folder: Path, step: int, state: dict[str, Any], *, keep_last: int) -> P
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     final = path_for(folder, step)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{step:09d}.", suffix=TMP_SUFFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": FORMAT, **state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
+    atomic_write(
+        final,
+        lambda fh: torch.save({"format": FORMAT, **state}, fh),
+        prefix=f"{TMP_PREFIX}{step:09d}.",
+        suffix=TMP_SUFFIX,
+    )
     prune(folder, keep_last)
     return final
 
