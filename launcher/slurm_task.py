@@ -66,10 +66,12 @@ class StepTask(submitit.helpers.Checkpointable):
         max_requeue: int,
         grace_s: int,
         env: dict[str, str],
+        signal_delay_s: int = 0,
     ):
         self.srun_argv = srun_argv
         self.run_dir = run_dir
         self.env = env
+        self.signal_delay_s = signal_delay_s
         self.max_requeue = max_requeue
         self.grace_s = grace_s
         self._proc: subprocess.Popen | None = None
@@ -85,6 +87,7 @@ class StepTask(submitit.helpers.Checkpointable):
         env["MASTER_ADDR"] = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         env["MASTER_PORT"] = str(_free_port())
         _attempt_event(run_dir, "start")
+        self._arm_time_limit_signal()
         self._proc = subprocess.Popen(self.srun_argv, env=env)
         # Poll instead of wait(): submitit's signal handler runs checkpoint() on top of this
         # frame, and a blocking wait() here would hold the lock its wait() needs.
@@ -94,6 +97,21 @@ class StepTask(submitit.helpers.Checkpointable):
         if code != 0:
             raise RuntimeError(f"the job step exited with code {code} (logs: {run_dir}/logs)")
         return code
+
+    def _arm_time_limit_signal(self) -> None:
+        """Send ourselves USR2 `signal_delay_s` before the job's end time.
+
+        Slurm's own USR2 may come up to 60 s early, possibly before any handler was
+        installed (the batch shell ignores it then), so it can be lost; this one is not.
+        """
+        end = _job_end_time(os.environ.get("SLURM_JOB_ID", ""))
+        if end is None or not self.signal_delay_s:
+            return
+        delay = end - time.time() - self.signal_delay_s
+        if delay <= 0:
+            return
+        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGUSR2))
+        signal.setitimer(signal.ITIMER_REAL, delay)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         """Forward the signal to the ranks, let them save, then ask submitit to requeue."""
@@ -112,6 +130,28 @@ class StepTask(submitit.helpers.Checkpointable):
             return None
         _attempt_event(run_dir, "signal", requeue=True)
         return super().checkpoint(*args, **kwargs)
+
+
+def _job_end_time(job_id: str) -> float | None:
+    """The job's EndTime (epoch seconds) from `scontrol show job`, or None."""
+    import datetime as dt
+
+    if not job_id:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for field in out.split():
+        key, _, value = field.partition("=")
+        if key == "EndTime":
+            try:
+                return dt.datetime.fromisoformat(value).timestamp()  # controller's local time
+            except ValueError:
+                return None
+    return None
 
 
 class CallableTask(submitit.helpers.Checkpointable):

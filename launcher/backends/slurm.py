@@ -178,8 +178,13 @@ def executor_params(spec: JobSpec) -> dict[str, Any]:
             params[key] = _sbatch_value(value)
     if sl.exclusive:
         params["exclusive"] = True
-    if sl.setup:
-        params["setup"] = list(sl.setup)
+    setup = list(sl.setup)
+    if step_mode(spec):
+        # Slurm may send USR2 up to 60 s early, even before python has its handler: ignored
+        # then (the host task re-arms it from the job's end time) rather than fatal to bash.
+        setup.insert(0, "trap '' USR2")
+    if setup:
+        params["setup"] = setup
     extra = {k: _sbatch_value(v) for k, v in sl.extra.items()}
     if step_mode(spec):
         params["use_srun"] = False
@@ -381,7 +386,14 @@ def task_for(plan: Plan):
     spec, env = plan.spec, plan.payload["env"]
     if plan.payload["step"]:
         grace = max(10, spec.slurm.signal_delay_s - 10)
-        return StepTask(plan.payload["step"], str(plan.run_dir), spec.slurm.max_requeue, grace, env)
+        return StepTask(
+            plan.payload["step"],
+            str(plan.run_dir),
+            spec.slurm.max_requeue,
+            grace,
+            env,
+            signal_delay_s=spec.slurm.signal_delay_s,
+        )
     return CallableTask(
         spec.entrypoint.callable or "",
         env["LAUNCHER_CONFIG"],
