@@ -19,7 +19,12 @@ from typing import Any
 
 from launcher import runs
 from launcher.backends.base import Plan
-from launcher.backends.local import PORT_AT_START, prepare_run_dir, process_table
+from launcher.backends.local import (
+    PORT_AT_START,
+    prepare_run_dir,
+    process_table,
+    require_one_node,
+)
 from launcher.entrypoint import entry_argv
 from launcher.errors import BackendError, ConfigError
 from launcher.hardware import Hardware, LoaderPicks, detect, pick_loader, shm_bytes_needed
@@ -127,13 +132,9 @@ class DockerBackend:
         config_file: str | None,
         hardware: Hardware | None = None,
     ) -> Plan:
-        if spec.resources.nodes != 1:
-            raise ConfigError(
-                f"the docker backend runs on this machine, got nodes={spec.resources.nodes} "
-                "(use backend=slurm with slurm.container for several nodes)",
-                file=config_file,
-                key="resources.nodes",
-            )
+        require_one_node(
+            spec, config_file, "docker", "use backend=slurm with slurm.container for several nodes"
+        )
         hw = container_hardware(spec, hardware or detect())
         nprocs = spec.resources.tasks_per_node
         picks = pick_loader(hw, nprocs, spec.loader)

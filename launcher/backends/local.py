@@ -76,13 +76,7 @@ class LocalBackend:
         config_file: str | None,
         hardware: Hardware | None = None,
     ) -> Plan:
-        if spec.resources.nodes != 1:
-            raise ConfigError(
-                f"the local backend runs on one node, got nodes={spec.resources.nodes} "
-                "(use backend=slurm for several nodes)",
-                file=config_file,
-                key="resources.nodes",
-            )
+        require_one_node(spec, config_file, "local", "use backend=slurm for several nodes")
         if spec.resources.gpus_per_node:
             raise ConfigError(
                 "the local backend does not assign GPUs; use procs_per_node and set "
@@ -168,6 +162,17 @@ class LocalBackend:
         """Every rank's log path, also before the rank has written anything."""
         world = int(runs.read_record(run_dir).get("world_size") or 0)
         return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+
+
+def require_one_node(spec: JobSpec, config_file: str | None, backend: str, hint: str) -> None:
+    """Backends on this machine run one node; say which key to change otherwise."""
+    if spec.resources.nodes != 1:
+        raise ConfigError(
+            f"the {backend} backend runs on this machine, got nodes={spec.resources.nodes} "
+            f"({hint})",
+            file=config_file,
+            key="resources.nodes",
+        )
 
 
 def process_table(
