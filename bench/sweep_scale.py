@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher import runs  # noqa: E402
-from launcher.sweep import execute, report, slurm_array, state  # noqa: E402
+from launcher.backends.slurm import array as slurm_array  # noqa: E402
+from launcher.sweep import execute, report, state  # noqa: E402
 
 
 def write_config(folder: Path, points: int, backend: str) -> Path:
@@ -56,7 +57,7 @@ sweep:
 
 
 def cluster_size() -> int:
-    from launcher.backends.slurm import cluster_max_array_size
+    from launcher.backends.slurm.status import cluster_max_array_size
 
     return cluster_max_array_size()
 

@@ -113,9 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(plan.render())
         return 0
     print(f"launcher: run {run_id} ({spec.backend}) -> {run_dir}", file=sys.stderr)
-    if spec.backend == "local":
-        return backend.submit(plan, foreground=not args.detach, echo=not args.quiet)
-    return backend.submit(plan, foreground=not args.detach)
+    return backend.submit(plan, foreground=not args.detach, echo=not args.quiet)
 
 
 def _selected_runs(runs_dir: str, ref: str | None) -> list[Path]:
@@ -286,18 +284,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             build_args[key] = value
         changes["build_args"] = build_args
     image = dataclasses.replace(image, **changes)
-    from launcher.image import run_build_command
+    from launcher.image import project_root, run_build_command
 
     return run_build_command(image, project_root(), no_cache=args.no_cache, push=args.push)
-
-
-def project_root() -> Path:
-    """The folder holding docker/ and pyproject.toml: the build context."""
-    here = Path.cwd()
-    for folder in (here, *here.parents):
-        if (folder / "docker" / "Dockerfile").is_file():
-            return folder
-    return Path(__file__).resolve().parent.parent
 
 
 def cmd_data(args: argparse.Namespace) -> int:

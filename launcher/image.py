@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from launcher.errors import BackendError, ConfigError, LauncherError
-from launcher.spec import ImageSpec
+from launcher.spec import ImageSpec, JobSpec
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -369,6 +369,22 @@ def content_hash(spec: ImageSpec, root: Path) -> str:
 def image_tag(spec: ImageSpec, root: Path) -> str:
     """`repository:<12 hex>` named by the content hash; pure (no docker daemon)."""
     return f"{spec.repository}:{content_hash(spec, root)[:TAG_HEX]}"
+
+
+def project_root() -> Path:
+    """The folder holding docker/Dockerfile (the build context): cwd or above, else the repo."""
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "docker" / "Dockerfile").is_file():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def image_for(spec: JobSpec) -> str:
+    """The job's image: `docker.image` if set, else the tag `launcher build` gives (pure)."""
+    if spec.docker.image:
+        return spec.docker.image
+    return image_tag(spec.image, project_root())
 
 
 def push_reference(spec: ImageSpec, tag: str) -> str:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from launcher import runs
-from launcher.backends.slurm import BACKEND
+from launcher.backends.slurm.backend import BACKEND
 from tests.conftest import need
 
 

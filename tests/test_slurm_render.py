@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from launcher import config
-from launcher.backends.slurm import BACKEND, render_sbatch, submitit_command
+from launcher.backends.slurm.backend import BACKEND
+from launcher.backends.slurm.sbatch import render_sbatch, submitit_command
 from tests.conftest import ROOT, launcher_cmd
 from tests.slurm_helpers import require_cluster
 
@@ -62,9 +63,9 @@ def test_render_equals_submitit(overrides, tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string
 
     plan = _plan(ROOT / "configs/slurm-2nodes.yaml", *overrides, tmp=tmp_path)
-    params = plan.payload["params"]
-    folder = Path(plan.payload["folder"])
-    step = plan.payload["step"] is not None
+    params = plan.payload.params
+    folder = Path(plan.payload.folder)
+    step = plan.payload.step is not None
     ours = render_sbatch(submitit_command(folder, step), folder, params)
     theirs = _make_sbatch_string(command=submitit_command(folder, step), folder=folder, **params)
     assert ours == theirs
@@ -129,7 +130,7 @@ def test_hostile_strings_stay_data(tmp_path):
         )
     )
     plan = _plan(cfg, tmp=tmp_path)
-    script = plan.extra["script"]
+    script = plan.payload.script
     lines = script.splitlines()
     # No line of the script may start with the payload: newlines cannot break out.
     assert not any(line.lstrip().startswith("touch") for line in lines)
@@ -160,13 +161,13 @@ def test_container_is_rendered_for_pyxis(tmp_path):
         "slurm.container.mounts=[/data:/data:ro]",
         tmp=tmp_path,
     )
-    step = plan.payload["step"]
+    step = plan.payload.step
     assert "--container-image=registry/train:abc" in step
     mounts = next(a for a in step if a.startswith("--container-mounts="))
     assert "/data:/data:ro" in mounts and str(plan.run_dir) in mounts
     assert step[step.index("--") + 1] == "python3"  # the image's interpreter
     assert "--container-image=registry/train:abc" in plan.render()
-    assert "#SBATCH --signal=B:USR2@30" in plan.extra["script"]  # requeue stays on the host
+    assert "#SBATCH --signal=B:USR2@30" in plan.payload.script  # requeue stays on the host
     callable_cfg = (
         "entrypoint.callable=tests.jobs.callables:ddp_sum",
         "entrypoint.script=null",
@@ -189,7 +190,7 @@ def test_sbatch_test_only_accepts_every_example_config(tmp_path):
             overrides.append("resources.gpus_per_node=0")  # no GPUs in the test cluster
         plan = _plan(cfg, *overrides, tmp=tmp_path / cfg.stem)
         script = tmp_path / f"{cfg.stem}.sbatch"
-        script.write_text(plan.extra["script"])
+        script.write_text(plan.payload.script)
         out = subprocess.run(
             [shutil.which("sbatch") or "sbatch", "--test-only", str(script)],
             capture_output=True,

@@ -181,7 +181,7 @@ def test_200_point_grid_runs_as_chunked_arrays_and_failed_points_rerun_alone(
 
 
 def test_chunks_follow_the_clusters_max_array_size(slurm_sweep, runs_dir):
-    from launcher.backends.slurm import cluster_max_array_size
+    from launcher.backends.slurm.status import cluster_max_array_size
 
     limit = cluster_max_array_size()  # `scontrol show config`
     # One point more than an array may hold: two arrays, submitted held and cancelled.

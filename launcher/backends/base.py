@@ -1,20 +1,57 @@
 """The backend interface: `plan()` is pure data, `submit()` is the only side effect.
 
 `--dry-run` prints `Plan.render()` and stops, so planning must never contact a daemon
-or a cluster, and must never mutate the spec it is given.
+or a cluster, and must never mutate the spec it is given. Callers (the CLI, sweeps) use only
+what this Protocol declares and never test a backend's name; a backend that can run many
+points as one queued array offers the optional `array` capability.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
 
 from launcher.spec import JobSpec
 
+if TYPE_CHECKING:
+    from launcher.hardware import Hardware
+
+P = TypeVar("P")
+
+
+class ProcEntry(TypedDict):
+    """One rank the supervisor starts (plan.json): what `--dry-run` shows, verbatim."""
+
+    rank: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    log: str
+
+
+class SupervisorPayload(TypedDict, total=False):
+    """What the local supervisor runs (also inside a Docker container)."""
+
+    procs: list[ProcEntry]
+    stop_grace_s: float
+    container: dict[str, Any]
+
 
 @dataclass(frozen=True)
-class Plan:
+class SlurmPayload:
+    """What the Slurm backend submits: submitit's parameters, folder and the exact script."""
+
+    params: dict[str, Any]
+    folder: str
+    env: dict[str, str]
+    # The srun step the batch shell starts (scripts, built-in trainer); None for callables.
+    step: list[str] | None
+    script: str
+
+
+@dataclass(frozen=True)
+class Plan(Generic[P]):
     """What a backend would start: printed by --dry-run, executed by submit()."""
 
     backend: str
@@ -24,25 +61,36 @@ class Plan:
     # Human-readable, complete description (commands, env, sbatch script, container spec).
     text: str
     # Backend-specific pure data that submit() executes.
-    payload: Any = None
+    payload: P
     config_file: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
         return self.text
 
 
 class Backend(Protocol):
-    """One per module in launcher/backends/, exported as module-level `BACKEND`."""
+    """One per package or module in launcher/backends/, exported as `BACKEND`."""
 
     name: str
+    # Set when the backend can queue many sweep points as one array (Slurm); else None.
+    array: ArrayBackend | None
 
-    def plan(self, spec: JobSpec, *, run_id: str, run_dir: Path, config_file: str | None) -> Plan:
-        """Pure: build what would be started. No processes, no daemons, no cluster calls."""
+    def plan(
+        self,
+        spec: JobSpec,
+        *,
+        run_id: str,
+        run_dir: Path,
+        config_file: str | None,
+        hardware: Hardware | None = None,
+    ) -> Plan[Any]:
+        """Pure: build what would be started. No processes, no daemons, no cluster calls.
+        `hardware`: this machine's, detected once by a caller planning many points."""
         ...
 
-    def submit(self, plan: Plan, *, foreground: bool = True) -> int:
-        """Start the plan; writes the run dir and record. Returns a process exit code."""
+    def submit(self, plan: Plan[Any], *, foreground: bool = True, echo: bool = True) -> int:
+        """Start the plan; writes the run dir and record. Returns a process exit code.
+        `echo`: copy the ranks' output to this terminal (where the backend can)."""
         ...
 
     def refresh(self, run_dirs: list[Path]) -> None:
@@ -55,4 +103,30 @@ class Backend(Protocol):
 
     def log_files(self, run_dir: Path) -> dict[int, Path]:
         """rank -> log file of that rank."""
+        ...
+
+    def default_parallelism(self, spec: JobSpec) -> int | None:
+        """How many sweep points to run at once when the sweep does not say (None: no limit,
+        the queue decides)."""
+        ...
+
+    def needs_hardware(self) -> bool:
+        """True when plan() looks at this machine's hardware (so a caller planning many
+        points should detect it once and pass it in)."""
+        ...
+
+
+class ArrayBackend(Protocol):
+    """Optional: many sweep points as one queued array per chunk (Slurm job arrays)."""
+
+    def check_points(self, specs: list[JobSpec], config_file: str | None) -> dict[str, Any]:
+        """Pure: every point can share one array script; returns its parameters."""
+        ...
+
+    def max_array_size(self, configured: int | None) -> int:
+        """Points per array: the configured value, else the cluster's limit."""
+        ...
+
+    def task_states(self, task_ids: list[str]) -> dict[str, str]:
+        """Launcher states of array tasks that have no run record yet (one query)."""
         ...

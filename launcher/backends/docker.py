@@ -1,6 +1,6 @@
 """Docker backend: the job's N processes in one container on this machine (docker SDK).
 
-The container runs the same supervisor as the local backend (`launcher.backends.local`),
+The container runs the same supervisor as the local backend (`backends/local/supervisor.py`),
 reading the same plan.json from the run directory, which is mounted at the same path
 inside, so per-rank logs, the run record and checkpoints land on the host. `plan()` never
 contacts the daemon; `submit()` creates, starts, streams, waits and removes the container.
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from launcher import runs
-from launcher.backends.base import Plan
-from launcher.backends.local import (
+from launcher.backends.base import ArrayBackend, Plan, SupervisorPayload
+from launcher.backends.local.supervisor import (
     PORT_AT_START,
+    points_at_once,
     prepare_run_dir,
     process_table,
     require_one_node,
@@ -28,6 +29,7 @@ from launcher.backends.local import (
 from launcher.entrypoint import entry_argv
 from launcher.errors import BackendError, ConfigError
 from launcher.hardware import Hardware, LoaderPicks, detect, pick_loader, shm_bytes_needed
+from launcher.image import image_for
 from launcher.spec import JobSpec
 
 LABEL = "launcher.run"
@@ -36,23 +38,6 @@ IMAGE_PYTHON = "python"
 DEFAULT_SAMPLE_BYTES = 3 * 224 * 224 * 4
 MIN_SHM_BYTES = 256 * 1024**2
 GPU_RUNTIME_ERRORS = ("could not select device driver", "nvidia-container", "NVIDIA")
-
-
-def _project_root() -> Path:
-    here = Path.cwd()
-    for folder in (here, *here.parents):
-        if (folder / "docker" / "Dockerfile").is_file():
-            return folder
-    return Path(__file__).resolve().parents[2]
-
-
-def image_for(spec: JobSpec) -> str:
-    """The configured image, else the tag `launcher build` gives this project (content hash)."""
-    if spec.docker.image:
-        return spec.docker.image
-    from launcher.image import image_tag
-
-    return image_tag(spec.image, _project_root())
 
 
 def shm_plan(spec: JobSpec, picks: LoaderPicks) -> tuple[int | None, str]:
@@ -122,6 +107,7 @@ def _mounts(spec: JobSpec, run_dir: Path) -> list[dict[str, Any]]:
 
 class DockerBackend:
     name = "docker"
+    array: ArrayBackend | None = None
 
     def plan(
         self,
@@ -131,7 +117,7 @@ class DockerBackend:
         run_dir: Path,
         config_file: str | None,
         hardware: Hardware | None = None,
-    ) -> Plan:
+    ) -> Plan[SupervisorPayload]:
         require_one_node(
             spec, config_file, "docker", "use backend=slurm with slurm.container for several nodes"
         )
@@ -178,11 +164,26 @@ class DockerBackend:
             # tini as PID 1: forwards signals to the supervisor and reaps orphaned workers.
             "init": True,
         }
-        payload = {"procs": procs, "stop_grace_s": spec.local.stop_grace_s, "container": container}
-        text = _render(spec, run_dir, container, procs, picks, shm_why)
-        return Plan(self.name, spec, run_id, run_dir, text, payload, config_file)
+        payload: SupervisorPayload = {
+            "procs": procs,
+            "stop_grace_s": spec.local.stop_grace_s,
+            "container": container,
+        }
+        return Plan(
+            backend=self.name,
+            spec=spec,
+            run_id=run_id,
+            run_dir=run_dir,
+            text=_render(spec, run_dir, container, procs, picks, shm_why),
+            payload=payload,
+            config_file=config_file,
+        )
 
-    def submit(self, plan: Plan, *, foreground: bool = True) -> int:
+    def submit(
+        self, plan: Plan[SupervisorPayload], *, foreground: bool = True, echo: bool = True
+    ) -> int:
+        # `echo`: the supervisor in the container always echoes to the container's log,
+        # which a foreground run follows.
         from launcher.image import connect
 
         client = connect()
@@ -260,6 +261,12 @@ class DockerBackend:
     def log_files(self, run_dir: Path) -> dict[int, Path]:
         world = int(runs.read_record(run_dir).get("world_size") or 0)
         return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+
+    def default_parallelism(self, spec: JobSpec) -> int | None:
+        return points_at_once(spec)
+
+    def needs_hardware(self) -> bool:
+        return True
 
 
 def _create(client, spec: dict[str, Any], *, auto_remove: bool):

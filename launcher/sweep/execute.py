@@ -119,7 +119,7 @@ def prepare(path: str, overrides: list[str], *, max_points: int | None = None) -
         backend=get_backend(spec.backend),
     )
     if spec.backend == "slurm":
-        from launcher.sweep import slurm_array
+        from launcher.backends.slurm import array as slurm_array
 
         prepared.array_params = slurm_array.check(prepared)
         planned = prepared.points[:1]
@@ -175,7 +175,7 @@ def current_states(entries: list[dict[str, Any]]) -> dict[str, str]:
         for point_id, run_dir in items:
             found[point_id] = state.record_state(run_dir)
     if queued:
-        from launcher.sweep import slurm_array
+        from launcher.backends.slurm import array as slurm_array
 
         tasks = slurm_array.task_states(sorted(set(queued.values())))
         for point_id, job_id in queued.items():
@@ -364,7 +364,7 @@ def _print_backend_plan(prepared: Prepared, submit: list[str], out: TextIO) -> N
             print("# the first point's plan:", file=out)
             print(prepared.plans[submit[0]].render(), file=out)
         return
-    from launcher.sweep import slurm_array
+    from launcher.backends.slurm import array as slurm_array
 
     size = array_size(prepared)
     where = "slurm.max_array_size" if size else "Slurm's default; the cluster's is read at submit"
@@ -392,10 +392,9 @@ def _print_backend_plan(prepared: Prepared, submit: list[str], out: TextIO) -> N
         script = slurm_array.render(prepared, folder, chunk_file, len(group), limit)
         print(script.rstrip("\n"), file=out)
     if prepared.points:
-        text = next(iter(prepared.plans.values())).render()
-        marker = "# ---- end of sbatch script ----\n"
+        plan = next(iter(prepared.plans.values()))
         print("# then each task runs its own point like this (point 0 shown):", file=out)
-        print(text.split(marker, 1)[-1], file=out)
+        print(plan.render().split(plan.payload.script.rstrip("\n"), 1)[-1].lstrip("\n"), file=out)
 
 
 def _claim(prepared: Prepared, opts: Options) -> tuple[dict[str, Any], Decision]:
@@ -414,7 +413,7 @@ def _claim(prepared: Prepared, opts: Options) -> tuple[dict[str, Any], Decision]
 
 
 def _run_slurm(prepared: Prepared, opts: Options) -> int:
-    from launcher.sweep import slurm_array
+    from launcher.backends.slurm import array as slurm_array
 
     with state.locked(prepared.lock_root):
         current, decision = _claim(prepared, opts)

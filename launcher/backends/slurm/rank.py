@@ -1,6 +1,6 @@
-"""Inside one Slurm task: derive the torchrun-style variables, then run the entrypoint.
+"""Runs on every rank, under srun: derive the torchrun-style variables, then run the entrypoint.
 
-`srun ... python -m launcher.slurm_env -- ARGV...` runs on every task (also inside a
+`srun ... python -m launcher.backends.slurm.rank -- ARGV...` runs on every task (also inside a
 pyxis container), so it is pure standard library plus `launcher.hardware`. It keeps all
 SLURM_* variables (a Lightning script with `Trainer(num_nodes=N)` works unchanged), sets
 RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, picks the loader
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m launcher.slurm_env -- COMMAND...", file=sys.stderr)
+        print("usage: python -m launcher.backends.slurm.rank -- COMMAND...", file=sys.stderr)
         return 2
     env = dict(os.environ)
     env.update(dist_env_from_slurm(env))

@@ -1,9 +1,9 @@
-"""Local backend: N processes on this machine with torchrun-style variables.
+"""The process supervisor: runs on this machine, or as the main process of a Docker container.
 
-A supervisor (the `launcher run` process itself, or a detached one with `--detach`)
-starts every rank in its own process group with its log file, watches them, and stops all
-ranks promptly when one fails or when it is cancelled. Ranks also get PDEATHSIG, so even
-a SIGKILLed supervisor leaves no orphans.
+It starts every rank in its own process group with its log file, watches them, and stops all
+ranks promptly when one fails or when it is cancelled. Ranks also get PDEATHSIG, so even a
+SIGKILLed supervisor leaves no orphans. `python -m launcher.backends.local RUN_DIR` runs it
+detached (`--detach`) or in a container; the plan it runs is `plan.json` in the run dir.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,20 +20,15 @@ from typing import Any
 
 from launcher import config, runs
 from launcher.backends.base import Plan
-from launcher.entrypoint import dist_env, entry_argv, job_env
+from launcher.entrypoint import dist_env, job_env
 from launcher.errors import BackendError, ConfigError
-from launcher.hardware import Hardware, LoaderPicks, detect, pick_loader
+from launcher.hardware import LoaderPicks, detect_cpus
+from launcher.ports import free_port
 from launcher.spec import JobSpec
 
 PLAN_FILE = "plan.json"
 PORT_AT_START = "<free port picked at start>"
 POLL_S = 0.05
-
-
-def free_port(addr: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((addr, 0))
-        return sock.getsockname()[1]
 
 
 def _set_pdeathsig() -> None:
@@ -49,7 +42,7 @@ def _set_pdeathsig() -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """True if pid runs and is not a zombie (PID 1 here may reap late)."""
     try:
         os.kill(pid, 0)
@@ -64,104 +57,11 @@ def _alive(pid: int) -> bool:
         return True
 
 
-class LocalBackend:
-    name = "local"
-
-    def plan(
-        self,
-        spec: JobSpec,
-        *,
-        run_id: str,
-        run_dir: Path,
-        config_file: str | None,
-        hardware: Hardware | None = None,
-    ) -> Plan:
-        require_one_node(spec, config_file, "local", "use backend=slurm for several nodes")
-        if spec.resources.gpus_per_node:
-            raise ConfigError(
-                "the local backend does not assign GPUs; use procs_per_node and set "
-                "CUDA_VISIBLE_DEVICES in env, or backend=docker/slurm",
-                file=config_file,
-                key="resources.gpus_per_node",
-            )
-        hw = hardware or detect()
-        nprocs = spec.resources.tasks_per_node
-        picks = pick_loader(hw, nprocs, spec.loader)
-        procs = process_table(
-            spec,
-            run_dir=run_dir,
-            picks=picks,
-            argv=entry_argv(spec),
-            cwd=spec.workdir or os.getcwd(),
-            master_addr=spec.local.master_addr,
-            master_port=spec.local.master_port or PORT_AT_START,
-        )
-        payload = {"procs": procs, "stop_grace_s": spec.local.stop_grace_s}
-        return Plan(
-            backend=self.name,
-            spec=spec,
-            run_id=run_id,
-            run_dir=run_dir,
-            text=render(spec, run_dir, procs, picks),
-            payload=payload,
-            config_file=config_file,
-        )
-
-    def submit(self, plan: Plan, *, foreground: bool = True, echo: bool = True) -> int:
-        run_dir = plan.run_dir
-        prepare_run_dir(plan)
-        if foreground:
-            return supervise(run_dir, echo=echo)
-        log = open(run_dir / "supervisor.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.backends.local", str(run_dir)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        runs.update_record(run_dir, backend_info={"supervisor_pid": proc.pid})
-        return 0
-
-    def refresh(self, run_dirs: list[Path]) -> None:
-        """A run whose supervisor is gone but whose record says RUNNING died with it."""
-        for run_dir in run_dirs:
-            record = runs.read_record(run_dir)
-            if record["state"] not in ("PENDING", "RUNNING"):
-                continue
-            pid = record.get("backend_info", {}).get("supervisor_pid")
-            if pid and not _alive(pid):
-                runs.update_record(
-                    run_dir,
-                    state="FAILED",
-                    ended_at=runs.now(),
-                    error="the supervisor process died (killed?); ranks were stopped with it",
-                )
-
-    def cancel(self, run_dir: Path) -> None:
-        record = runs.read_record(run_dir)
-        if record["state"] in runs.FINAL_STATES:
-            raise BackendError(f"run {record['run_id']} already ended ({record['state']})")
-        info = record.get("backend_info", {})
-        pid = info.get("supervisor_pid")
-        if pid and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.05)
-            if not _alive(pid):
-                return
-        # No supervisor: stop the ranks' process groups ourselves.
-        for rank_pid in info.get("rank_pids", {}).values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(rank_pid, signal.SIGKILL)
-        runs.update_record(run_dir, state="CANCELLED", ended_at=runs.now())
-
-    def log_files(self, run_dir: Path) -> dict[int, Path]:
-        """Every rank's log path, also before the rank has written anything."""
-        world = int(runs.read_record(run_dir).get("world_size") or 0)
-        return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+def points_at_once(spec: JobSpec) -> int:
+    """Sweep points to run at once on this machine: as many as its CPUs hold, at the
+    point's processes each (the local and Docker backends' default parallelism)."""
+    cpus, _ = detect_cpus(os.environ)
+    return max(1, int(cpus) // spec.resources.tasks_per_node)
 
 
 def require_one_node(spec: JobSpec, config_file: str | None, backend: str, hint: str) -> None:
@@ -204,28 +104,6 @@ def process_table(
         log = str(run_dir / "logs" / f"rank{rank}.log")
         procs.append({"rank": rank, "argv": argv, "env": env, "cwd": cwd, "log": log})
     return procs
-
-
-def render(spec: JobSpec, run_dir: Path, procs: list[dict[str, Any]], picks: LoaderPicks) -> str:
-    """The dry-run text: every process with its working dir, launcher-set env and argv."""
-    res = spec.resources
-    lines = [
-        "# launcher plan (local backend): nothing has been started",
-        f"run dir:    {run_dir}",
-        f"processes:  {res.tasks_per_node} on this machine (world size {res.tasks_per_node})",
-        f"entrypoint: {spec.entrypoint.kind}",
-        "loader picks per process:",
-    ]
-    for key in ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor"):
-        lines.append(f"  {key}={getattr(picks, key)}  # {picks.reasons.get(key, '')}")
-    lines.append("commands (environment = yours plus the variables shown):")
-    for proc in procs:
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in proc["env"].items())
-        lines.append(
-            f"  [rank {proc['rank']}] cd {shlex.quote(proc['cwd'])} && env {env} "
-            f"{shlex.join(proc['argv'])} > {shlex.quote(proc['log'])} 2>&1"
-        )
-    return "\n".join(lines)
 
 
 def prepare_run_dir(plan: Plan, backend: str = "local") -> None:
@@ -416,11 +294,3 @@ def _stop_all(procs: dict[int, subprocess.Popen], grace: float) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-BACKEND = LocalBackend()
-
-if __name__ == "__main__":
-    # `python -m launcher.backends.local RUN_DIR [--echo]`: a detached supervisor, or the one
-    # inside a docker container (which echoes rank output to the container's log).
-    raise SystemExit(supervise(Path(sys.argv[1]), echo="--echo" in sys.argv[2:]))

@@ -1,4 +1,4 @@
-"""What submitit runs on the cluster for a launcher job (imported only on Slurm).
+"""Runs in the batch shell on the first node, under submitit: the host side of a job.
 
 `StepTask` runs in the batch shell on the first node: it starts ONE `srun` step with
 every rank (optionally inside a pyxis container) and keeps the requeue decision on the
@@ -23,7 +23,8 @@ from typing import Any
 
 import submitit
 
-from launcher.slurm_env import dist_env_from_slurm
+from launcher.backends.slurm.rank import dist_env_from_slurm
+from launcher.ports import free_port
 
 
 def _append_attempt(run_dir: Path, event: dict[str, Any]) -> None:
@@ -48,12 +49,6 @@ def _attempt_event(run_dir: Path, phase: str, **extra: Any) -> None:
             **extra,
         },
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 class StepTask(submitit.helpers.Checkpointable):
@@ -85,7 +80,7 @@ class StepTask(submitit.helpers.Checkpointable):
         run_dir = Path(self.run_dir)
         env = {**os.environ, **self.env}
         env["MASTER_ADDR"] = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port(""))
         _attempt_event(run_dir, "start")
         self._arm_time_limit_signal()
         self._proc = subprocess.Popen(self.srun_argv, env=env)

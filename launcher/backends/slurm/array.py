@@ -11,7 +11,6 @@ requeued task finds that pickle (with its checkpointed state) and leaves it alon
 
 from __future__ import annotations
 
-import re
 import shlex
 import subprocess
 from collections.abc import Callable
@@ -19,6 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher import runs
+from launcher.backends.slurm.sbatch import check as sbatch_check
+from launcher.backends.slurm.sbatch import (
+    executor_params,
+    render_sbatch,
+    step_mode,
+    submitit_python,
+)
+from launcher.backends.slurm.status import cluster_max_array_size
 from launcher.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -26,9 +33,6 @@ if TYPE_CHECKING:
 
 FOLDER = "slurm"
 SBATCH_TIMEOUT_S = 120
-# Slurm states -> launcher states, for array tasks that have not written a run record yet.
-_PENDING = {"PENDING", "REQUEUED", "CONFIGURING", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING"}
-_RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
 
 
 def folder_of(prepared: Prepared) -> Path:
@@ -38,8 +42,6 @@ def folder_of(prepared: Prepared) -> Path:
 def check(prepared: Prepared) -> dict[str, Any]:
     """Every point must plan on Slurm with the same sbatch parameters (one array script
     serves them all); returns those parameters. Pure: no cluster call."""
-    from launcher.backends import slurm
-
     file = prepared.loaded.file
     first: dict[str, Any] | None = None
     seen: set[tuple[int, ...]] = set()
@@ -50,8 +52,8 @@ def check(prepared: Prepared) -> dict[str, Any]:
         if key in seen:
             continue
         seen.add(key)
-        slurm.check(spec, file)
-        params = slurm.executor_params(spec)
+        sbatch_check(spec, file)
+        params = executor_params(spec)
         if first is None:
             first = params
             continue
@@ -72,11 +74,9 @@ def check(prepared: Prepared) -> dict[str, Any]:
 def task_command(chunk_file: Path, folder: Path, step: bool) -> str:
     """The array script's command: submitit's, with our task runner in front of its runner
     (`exec` in step mode, as the backend does, so B:USR2 reaches submitit's handler)."""
-    from launcher.backends import slurm
-
     return " ".join(
         [
-            slurm.submitit_python(step),
+            submitit_python(step),
             "-u -m launcher.sweep.task",
             shlex.quote(str(chunk_file)),
             shlex.quote(str(folder)),
@@ -88,13 +88,11 @@ def render(
     prepared: Prepared, folder: Path, chunk_file: Path, count: int, parallelism: int | None
 ) -> str:
     """The sbatch script of one array of `count` tasks (pure)."""
-    from launcher.backends import slurm
-
     params = dict(prepared.array_params)
     params["array_parallelism"] = parallelism or count
-    step = slurm.step_mode(prepared.points[0].spec)
+    step = step_mode(prepared.points[0].spec)
     command = task_command(chunk_file, folder, step)
-    return slurm.render_sbatch(command, folder, params, map_count=count)
+    return render_sbatch(command, folder, params, map_count=count)
 
 
 def chunks(ids: list[str], size: int) -> list[list[str]]:
@@ -118,11 +116,9 @@ def submit(
 ) -> list[str]:
     """sbatch one array per chunk of at most MaxArraySize points (read from the cluster
     when not configured); `on_submitted(array_id, point_ids)` after each. Returns the ids."""
-    from launcher.backends import slurm
-
     if not ids:
         return []
-    size = max_array_size or slurm.cluster_max_array_size()
+    size = max_array_size or cluster_max_array_size()
     folder = folder_of(prepared)
     folder.mkdir(parents=True, exist_ok=True)
     by_id = {p.id: p for p in prepared.points}
@@ -190,54 +186,3 @@ def sbatch(
     if test_only:
         return ""
     return out.stdout.strip().split(";")[0]
-
-
-def _expand(job: str) -> list[str]:
-    """'12_[0-3,7%2]' -> ['12_0', '12_1', '12_2', '12_3', '12_7']; '12_5' -> ['12_5']."""
-    match = re.fullmatch(r"(\d+)_\[([^\]]*)\]", job)
-    if not match:
-        return [job]
-    base, body = match.groups()
-    out = []
-    for part in body.split("%")[0].split(","):
-        lo, _, hi = part.partition("-")
-        if lo.isdigit():
-            out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
-
-
-def task_states(job_ids: list[str]) -> dict[str, str]:
-    """Launcher states of array tasks ('A_i') from ONE sacct and ONE squeue call: for
-    points whose task has not written its run record (still queued, or died before)."""
-    from launcher.backends.slurm import FAILED, run_slurm_command
-
-    bases = sorted({j.split("_")[0] for j in job_ids})
-    slurm_state: dict[str, str] = {}
-    out = run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ",".join(bases), "-o", "JobID,State"])
-    for line in out.splitlines():
-        job, _, st = line.partition("|")
-        for task in _expand(job.strip()):
-            slurm_state[task] = st.split()[0] if st.split() else ""
-    try:
-        queue = run_slurm_command(["squeue", "-h", "-r", "-j", ",".join(bases), "-o", "%i|%T"])
-    except BackendError:
-        queue = ""  # every job already left the queue: sacct has them
-    for line in queue.splitlines():
-        job, _, st = line.partition("|")
-        for task in _expand(job.strip()):
-            slurm_state[task] = st.strip()
-    states = {}
-    for job in job_ids:
-        st = slurm_state.get(job, "").rstrip("+")
-        if st in _PENDING:
-            states[job] = "PENDING"
-        elif st in _RUNNING:
-            states[job] = "RUNNING"
-        elif st.startswith("CANCELLED"):
-            states[job] = "CANCELLED"
-        elif st in FAILED or st == "COMPLETED":
-            # COMPLETED without a run record: the task did not run the point either.
-            states[job] = "FAILED"
-        else:
-            states[job] = "SUBMITTED"  # not known to sacct yet
-    return states
