@@ -485,7 +485,7 @@ class _Display:
         self.step, self.total, self.instruction = 0, 0, ""
         self.tail: deque[str] = deque(maxlen=6)
         self.started = time.monotonic()
-        self._live = None
+        self._live: Any = None
 
     def __enter__(self) -> _Display:
         if self.console.is_terminal:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -203,7 +204,7 @@ class DistContext:
     backend: str | None
     logger: logging.Logger
     # A gloo group for small CPU messages (stop flag, loss, RNG states), also under nccl.
-    control: object | None = None
+    control: Any = None  # torch ProcessGroup (gloo side group); Any keeps torch out
     owns_group: bool = False
     cpu_threads: int | None = None
     notes: list[str] = field(default_factory=list)

@@ -183,7 +183,12 @@ def _pad_value(pad_value: float | Mapping[Any, float], key: Any) -> float:
 
 
 def _pad(values: list[Any], value: float) -> tuple[torch.Tensor, torch.Tensor]:
-    tensors = [_as_tensor(v) for v in values]
+    tensors = []
+    for v in values:
+        tensor = _as_tensor(v)
+        if tensor is None:
+            raise TypeError(f"pad_collate: cannot pad a {type(v).__name__} with sequences")
+        tensors.append(tensor)
     lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long)
     return pad_sequence(tensors, batch_first=True, padding_value=value), lengths
 

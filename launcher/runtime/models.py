@@ -300,7 +300,7 @@ def build(train: TrainSpec) -> Built:
         dataset = call_with(fn, dict(train.dataset_kwargs), "train.dataset_kwargs")
         desc += f", dataset {train.dataset}"
     try:
-        size = len(dataset)  # type: ignore[arg-type]
+        size = len(dataset)
     except TypeError:
         raise ConfigError(
             "the dataset must be map-style (have __len__ and __getitem__)", key="train.dataset"

@@ -120,6 +120,6 @@ def apply_activation_checkpointing(model: nn.Module, patterns: tuple[str, ...]) 
             def forward(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
                 return checkpoint(_original, *args, use_reentrant=False, **kwargs)
 
-            module.forward = forward  # type: ignore[method-assign]
+            module.forward = forward
             wrapped.append(name)
     return wrapped

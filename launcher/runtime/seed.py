@@ -49,7 +49,7 @@ def configure_determinism(deterministic: bool) -> None:
 
 def get_rng_state() -> dict[str, Any]:
     """Every RNG this process uses, in a form `torch.load(weights_only=True)` accepts."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
