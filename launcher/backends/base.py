@@ -8,6 +8,7 @@ points as one queued array offers the optional `array` capability.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
@@ -117,14 +118,63 @@ class Backend(Protocol):
 
 
 class ArrayBackend(Protocol):
-    """Optional: many sweep points as one queued array per chunk (Slurm job arrays)."""
+    """Optional: many sweep points as one queued array per chunk (Slurm job arrays).
 
-    def check_points(self, specs: list[JobSpec], config_file: str | None) -> dict[str, Any]:
-        """Pure: every point can share one array script; returns its parameters."""
+    The sweep hands over points as `{"id", "index", "run_id", "overrides"}` plus the base
+    raw config: each array task builds, checks and plans its own point where it runs, so
+    submitting writes no run directory per point. Its files go under the sweep folder.
+    """
+
+    def check_points(
+        self,
+        specs: Sequence[JobSpec],
+        config_file: str | None,
+        describe: Callable[[int], str] | None = None,
+    ) -> dict[str, Any]:
+        """Pure: every point can share one array script; returns its parameters.
+        `describe(i)` names point i in the error (index and swept values)."""
         ...
 
-    def max_array_size(self, configured: int | None) -> int:
-        """Points per array: the configured value, else the cluster's limit."""
+    def max_array_size(self, spec: JobSpec, *, ask: bool = True) -> int:
+        """Points per array: the configured limit, else the cluster's (`ask=False`: the
+        scheduler's default, with no query, for a dry-run)."""
+        ...
+
+    def render(
+        self,
+        sweep_dir: Path,
+        ids: Sequence[str],
+        *,
+        spec: JobSpec,
+        params: dict[str, Any],
+        parallelism: int | None,
+    ) -> str:
+        """Pure: the dry-run text for queueing these points: how they split into arrays,
+        and each array's script as submit() would write it."""
+        ...
+
+    def render_task(self, plan: Plan[Any]) -> str:
+        """Pure: what each array task runs for its point, shown with one point's plan."""
+        ...
+
+    def submit(
+        self,
+        sweep_dir: Path,
+        points: Sequence[Mapping[str, Any]],
+        *,
+        base: dict[str, Any],
+        config_file: str | None,
+        spec: JobSpec,
+        params: dict[str, Any],
+        parallelism: int | None,
+        on_submitted: Callable[[str, list[str]], None],
+        hold: bool = False,
+        test_only: bool = False,
+    ) -> list[str]:
+        """Queue the points, one array per chunk of at most max_array_size(spec), with at most
+        `parallelism` tasks running (None: no limit). `on_submitted(array_id, point_ids)` runs
+        after each array (task i is point_ids[i], job id `array_id_i`). `hold`: queued held,
+        `test_only`: checked by the scheduler, nothing created (benchmarks). Returns the ids."""
         ...
 
     def task_states(self, task_ids: list[str]) -> dict[str, str]:

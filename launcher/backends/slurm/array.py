@@ -1,11 +1,13 @@
 """Sweep points as Slurm job arrays: one sbatch per chunk, each task resolves its own point.
 
-Submitting writes one chunk file (the points' overrides) and one sbatch script per array,
-not a run directory per point, so 10,000 points go in within seconds. The script is the
-Slurm backend's own submitit script (`render_sbatch`) whose command is
-`python -m launcher.sweep.task CHUNK FOLDER`: it builds the task's point from the chunk
-file, plans it with the Slurm backend, writes its run directory and record, pickles the
-backend's task where submitit's runner looks for it, and runs submitit's runner. A
+The Slurm backend's `array` capability (`launcher.backends.base.ArrayBackend`). It takes
+points (id, index, run id, swept overrides), the base raw config and the sweep folder, and
+knows nothing else of sweeps. Submitting writes one chunk file (the points' overrides) and
+one sbatch script per array, not a run directory per point, so 10,000 points go in within
+seconds. The script is the Slurm backend's own submitit script (`render_sbatch`) whose
+command is `python -m launcher.sweep.task CHUNK FOLDER`: it builds the task's point from the
+chunk file, plans it with the Slurm backend, writes its run directory and record, pickles
+the backend's task where submitit's runner looks for it, and runs submitit's runner. A
 requeued task finds that pickle (with its checkpointed state) and leaves it alone.
 """
 
@@ -13,62 +15,39 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypedDict
 
 from launcher import runs
-from launcher.backends.slurm.sbatch import check as sbatch_check
+from launcher.backends.base import Plan, SlurmPayload
+from launcher.backends.slurm import status
 from launcher.backends.slurm.sbatch import (
+    USR_SIG,
     executor_params,
     render_sbatch,
     step_mode,
     submitit_python,
 )
-from launcher.backends.slurm.status import cluster_max_array_size
+from launcher.backends.slurm.sbatch import check as sbatch_check
 from launcher.errors import BackendError, ConfigError
-
-if TYPE_CHECKING:
-    from launcher.sweep.execute import Prepared
+from launcher.spec import JobSpec
 
 FOLDER = "slurm"
 SBATCH_TIMEOUT_S = 120
 
 
-def folder_of(prepared: Prepared) -> Path:
-    return prepared.directory / FOLDER
+class ChunkPoint(TypedDict):
+    """One task of an array, as chunk-N.json stores it (what `launcher.sweep.task` reads)."""
+
+    id: str
+    index: int
+    run_id: str
+    overrides: dict[str, Any]
 
 
-def check(prepared: Prepared) -> dict[str, Any]:
-    """Every point must plan on Slurm with the same sbatch parameters (one array script
-    serves them all); returns those parameters. Pure: no cluster call."""
-    file = prepared.loaded.file
-    first: dict[str, Any] | None = None
-    seen: set[tuple[int, ...]] = set()
-    for point in prepared.points:
-        spec = point.spec
-        # Points share section objects when their sections are equal: check each kind once.
-        key = (id(spec.resources), id(spec.slurm), id(spec.loader), id(spec.entrypoint))
-        if key in seen:
-            continue
-        seen.add(key)
-        sbatch_check(spec, file)
-        params = executor_params(spec)
-        if first is None:
-            first = params
-            continue
-        if params != first:
-            differ = sorted(k for k in {*params, *first} if params.get(k) != first.get(k))
-            shown = ", ".join(f"{k}: {first.get(k)!r} vs {params.get(k)!r}" for k in differ)
-            values = ", ".join(f"{k}={v!r}" for k, v in point.overrides.items())
-            raise ConfigError(
-                f"sweep point {point.index} ({values}) needs other sbatch settings than "
-                f"point 0 ({shown}); one job array runs every point with the same settings",
-                file=file,
-                key="sweep",
-                hint="sweep only keys that leave resources and slurm settings alone",
-            )
-    return dict(first or {})
+def folder_of(sweep_dir: Path) -> Path:
+    return sweep_dir / FOLDER
 
 
 def task_command(chunk_file: Path, folder: Path, step: bool) -> str:
@@ -84,19 +63,22 @@ def task_command(chunk_file: Path, folder: Path, step: bool) -> str:
     )
 
 
-def render(
-    prepared: Prepared, folder: Path, chunk_file: Path, count: int, parallelism: int | None
+def render_array(
+    spec: JobSpec,
+    params: dict[str, Any],
+    folder: Path,
+    chunk_file: Path,
+    count: int,
+    parallelism: int | None,
 ) -> str:
     """The sbatch script of one array of `count` tasks (pure)."""
-    params = dict(prepared.array_params)
-    params["array_parallelism"] = parallelism or count
-    step = step_mode(prepared.points[0].spec)
-    command = task_command(chunk_file, folder, step)
+    params = {**params, "array_parallelism": parallelism or count}
+    command = task_command(chunk_file, folder, step_mode(spec))
     return render_sbatch(command, folder, params, map_count=count)
 
 
-def chunks(ids: list[str], size: int) -> list[list[str]]:
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
+def chunks(ids: Sequence[str], size: int) -> list[list[str]]:
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
 
 
 def next_chunk_number(folder: Path) -> int:
@@ -104,57 +86,169 @@ def next_chunk_number(folder: Path) -> int:
     return max(numbers, default=0) + 1
 
 
-def submit(
-    prepared: Prepared,
-    ids: list[str],
-    *,
-    parallelism: int | None,
-    max_array_size: int | None,
-    on_submitted: Callable[[str, list[str]], None],
-    hold: bool = False,
-    test_only: bool = False,
-) -> list[str]:
-    """sbatch one array per chunk of at most MaxArraySize points (read from the cluster
-    when not configured); `on_submitted(array_id, point_ids)` after each. Returns the ids."""
-    if not ids:
-        return []
-    size = max_array_size or cluster_max_array_size()
-    folder = folder_of(prepared)
-    folder.mkdir(parents=True, exist_ok=True)
-    by_id = {p.id: p for p in prepared.points}
-    number = next_chunk_number(folder)
-    array_ids = []
-    for chunk in chunks(ids, size):
-        chunk_file = folder / f"chunk-{number}.json"
-        runs.atomic_write_json(
-            chunk_file,
-            {
-                "sweep_dir": str(prepared.directory),
-                "config_file": prepared.loaded.file,
-                "folder": str(folder),
-                "base": prepared.loaded.raw,
-                "points": [
-                    {
-                        "id": i,
-                        "index": by_id[i].index,
-                        "run_id": by_id[i].run_id,
-                        "overrides": by_id[i].overrides,
-                    }
-                    for i in chunk
-                ],
-            },
+class SlurmArrays:
+    """`SlurmBackend.array`: sweeps queue their points here as chunked job arrays."""
+
+    def check_points(
+        self,
+        specs: Sequence[JobSpec],
+        config_file: str | None,
+        describe: Callable[[int], str] | None = None,
+    ) -> dict[str, Any]:
+        """Every point must plan on Slurm with the same sbatch parameters (one array script
+        serves them all); returns those parameters. Pure: no cluster call."""
+        name = describe or (lambda i: f"sweep point {i}")
+        first: dict[str, Any] | None = None
+        seen: set[tuple[int, ...]] = set()
+        for i, spec in enumerate(specs):
+            # Points share section objects when their sections are equal: check each kind once.
+            key = (id(spec.resources), id(spec.slurm), id(spec.loader), id(spec.entrypoint))
+            if key in seen:
+                continue
+            seen.add(key)
+            sbatch_check(spec, config_file)
+            params = executor_params(spec)
+            if first is None:
+                first = params
+                continue
+            if params != first:
+                differ = sorted(k for k in {*params, *first} if params.get(k) != first.get(k))
+                shown = ", ".join(f"{k}: {first.get(k)!r} vs {params.get(k)!r}" for k in differ)
+                raise ConfigError(
+                    f"{name(i)} needs other sbatch settings than {name(0)} ({shown}); one "
+                    "job array runs every point with the same settings",
+                    file=config_file,
+                    key="sweep",
+                    hint="sweep only keys that leave resources and slurm settings alone",
+                )
+        return dict(first or {})
+
+    def max_array_size(self, spec: JobSpec, *, ask: bool = True) -> int:
+        """slurm.max_array_size, else MaxArraySize from the controller (`ask=False`: Slurm's
+        default, without asking)."""
+        if spec.slurm.max_array_size:
+            return spec.slurm.max_array_size
+        return status.cluster_max_array_size() if ask else status.DEFAULT_MAX_ARRAY_SIZE
+
+    def render(
+        self,
+        sweep_dir: Path,
+        ids: Sequence[str],
+        *,
+        spec: JobSpec,
+        params: dict[str, Any],
+        parallelism: int | None,
+    ) -> str:
+        """The arrays these points would go in, each with its script. Reads the folder (for
+        the next chunk number) but writes nothing and asks the cluster nothing."""
+        size = self.max_array_size(spec, ask=False)
+        where = (
+            "slurm.max_array_size"
+            if spec.slurm.max_array_size
+            else "Slurm's default; the cluster's is read at submit"
         )
-        script = folder / f"chunk-{number}.sh"
-        runs.atomic_write_text(
-            script, render(prepared, folder, chunk_file, len(chunk), parallelism)
+        groups = chunks(ids, size)
+        limit = (
+            f"at most {parallelism} tasks at once (each array starts after the one before it ends)"
+            if parallelism
+            else "no limit on running tasks"
         )
-        # With a %N limit, arrays run one after another so the limit holds for the sweep.
-        after = array_ids[-1] if array_ids and parallelism else None
-        array_id = sbatch(script, hold=hold, after=after, test_only=test_only)
-        array_ids.append(array_id)
-        on_submitted(array_id, chunk)
-        number += 1
-    return array_ids
+        lines = [
+            f"# slurm: {len(ids)} points in {len(groups)} array(s) of at most {size} tasks "
+            f"({where}); {limit}"
+        ]
+        folder = folder_of(sweep_dir)
+        first = next_chunk_number(folder) if folder.is_dir() else 1
+        for n, group in enumerate(groups):
+            chunk_file = folder / f"chunk-{first + n}.json"
+            lines.append(
+                f"# ---- array {n + 1}/{len(groups)}: {len(group)} points, task i runs point "
+                f"i of {chunk_file} ----"
+            )
+            script = render_array(spec, params, folder, chunk_file, len(group), parallelism)
+            lines.append(script.rstrip("\n"))
+        return "\n".join(lines)
+
+    def render_task(self, plan: Plan[Any]) -> str:
+        """From the plan's payload: the task's environment and the step it starts."""
+        payload: SlurmPayload = plan.payload
+        spec = plan.spec
+        lines = [
+            "# the pickled task runs with this environment:",
+            *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
+        ]
+        if payload.step:
+            lines += [
+                "# and starts this job step from the batch shell (first node); it forwards "
+                f"{USR_SIG} to the ranks and requeues (at most {spec.slurm.max_requeue} times):",
+                "MASTER_ADDR=$SLURMD_NODENAME MASTER_PORT=<free port> " + shlex.join(payload.step),
+                "# every task sets RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID "
+                "WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE and keeps SLURM_*",
+            ]
+        else:
+            lines.append(
+                f"# every task calls {spec.entrypoint.callable}(spec) with RANK, "
+                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT exported"
+            )
+        return "\n".join(lines)
+
+    def submit(
+        self,
+        sweep_dir: Path,
+        points: Sequence[Mapping[str, Any]],
+        *,
+        base: dict[str, Any],
+        config_file: str | None,
+        spec: JobSpec,
+        params: dict[str, Any],
+        parallelism: int | None,
+        on_submitted: Callable[[str, list[str]], None],
+        hold: bool = False,
+        test_only: bool = False,
+    ) -> list[str]:
+        """sbatch one array per chunk of at most max_array_size points; with a %N limit each
+        array waits for the one before it (afterany), so the limit holds for the sweep."""
+        if not points:
+            return []
+        size = self.max_array_size(spec)
+        folder = folder_of(sweep_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        number = next_chunk_number(folder)
+        array_ids: list[str] = []
+        for start in range(0, len(points), size):
+            chunk: list[ChunkPoint] = [
+                {
+                    "id": p["id"],
+                    "index": p["index"],
+                    "run_id": p["run_id"],
+                    "overrides": p["overrides"],
+                }
+                for p in points[start : start + size]
+            ]
+            chunk_file = folder / f"chunk-{number}.json"
+            runs.atomic_write_json(
+                chunk_file,
+                {
+                    "sweep_dir": str(sweep_dir),
+                    "config_file": config_file,
+                    "folder": str(folder),
+                    "base": base,
+                    "points": chunk,
+                },
+            )
+            script = folder / f"chunk-{number}.sh"
+            runs.atomic_write_text(
+                script, render_array(spec, params, folder, chunk_file, len(chunk), parallelism)
+            )
+            after = array_ids[-1] if array_ids and parallelism else None
+            array_id = sbatch(script, hold=hold, after=after, test_only=test_only)
+            array_ids.append(array_id)
+            on_submitted(array_id, [p["id"] for p in chunk])
+            number += 1
+        return array_ids
+
+    def task_states(self, task_ids: list[str]) -> dict[str, str]:
+        return status.task_states(task_ids)
 
 
 def sbatch(
@@ -186,3 +280,6 @@ def sbatch(
     if test_only:
         return ""
     return out.stdout.strip().split(";")[0]
+
+
+ARRAYS = SlurmArrays()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import config, runs
 from launcher.backends.base import ArrayBackend, Plan, SlurmPayload
+from launcher.backends.slurm.array import ARRAYS
 from launcher.backends.slurm.sbatch import (
     check,
     executor_params,
@@ -41,7 +42,7 @@ class SlurmBackend:
     name = "slurm"
 
     # Sweeps queue their points as job arrays (array.py).
-    array: ArrayBackend | None = None
+    array: ArrayBackend | None = ARRAYS
 
     def plan(
         self,
