@@ -20,7 +20,7 @@ PKG = ROOT / "launcher"
 # `cli` sits on top and nothing imports it.
 LAYERS: list[tuple[str, ...]] = [
     ("launcher", "launcher.errors", "launcher.spec", "launcher.ports"),
-    ("launcher.schema", "launcher.hardware"),
+    ("launcher.schema", "launcher.hardware", "launcher.triage"),
     ("launcher.config", "launcher.runs", "launcher.entrypoint", "launcher.call"),
     ("launcher.runtime", "launcher.data", "launcher.image"),
     ("launcher.backends",),

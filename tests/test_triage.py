@@ -1,0 +1,178 @@
+"""The cause rules of launcher.triage on captured logs and exit codes (pure logic).
+
+The logs are real output captured from torch 2.13 / Python 3.11 on this machine (gloo
+timeouts, a peer that crashed, tracebacks), except CUDA OOM, which cannot be produced without
+a GPU: its message is the one torch prints (torch.OutOfMemoryError). Real failures on the
+backends are reproduced in tests/test_triage_real.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.triage import BackendView, RankEnd, diagnose, last_exception, signal_of
+
+SITE = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages"
+
+GLOO_TIMEOUT = f"""[rank0]: Traceback (most recent call last):
+[rank0]:   File "/work/job/train.py", line 8, in <module>
+[rank0]:     dist.all_reduce(t)
+[rank0]:   File "{SITE}/torch/distributed/c10d_logger.py", line 83, in wrapper
+[rank0]:     return func(*args, **kwargs)
+[rank0]:   File "{SITE}/torch/distributed/distributed_c10d.py", line 3252, in all_reduce
+[rank0]:     work.wait()
+[rank0]: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete
+"""  # noqa: E501
+
+PEER_GONE = f"""[rank0]: Traceback (most recent call last):
+[rank0]:   File "/work/job/train.py", line 8, in <module>
+[rank0]:     dist.all_reduce(t)
+[rank0]:   File "{SITE}/torch/distributed/distributed_c10d.py", line 3252, in all_reduce
+[rank0]:     work.wait()
+[rank0]: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:34469. This is typically caused by a remote worker crashing. Check the logs of the remote worker before reporting an error.
+"""  # noqa: E501
+
+USER_EXCEPTION = f"""step 3 loss 0.51
+Traceback (most recent call last):
+  File "/work/job/train.py", line 40, in <module>
+    main()
+  File "/work/job/train.py", line 31, in main
+    loss = model(x)
+  File "{SITE}/torch/nn/modules/module.py", line 1775, in _call_impl
+    return forward_call(*args, **kwargs)
+  File "/work/job/model.py", line 12, in forward
+    raise ValueError("shapes do not match: 3 vs 4")
+ValueError: shapes do not match: 3 vs 4
+"""
+
+CUDA_OOM = """Traceback (most recent call last):
+  File "/work/job/train.py", line 20, in <module>
+    y = model(x)
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 139.72 GiB of which 1.20 GiB is free.
+"""  # noqa: E501
+
+SHM_BUS = """ERROR: Unexpected bus error encountered in worker. This might be caused by insufficient shared memory (shm).
+Traceback (most recent call last):
+RuntimeError: DataLoader worker (pid 812) is killed by signal: Bus error. It is possible that dataloader's workers are out of shared memory. Please try to raise your shared memory limit.
+"""  # noqa: E501
+
+NO_MODULE = """Traceback (most recent call last):
+  File "/work/job/train.py", line 3, in <module>
+    import transformers
+ModuleNotFoundError: No module named 'transformers'
+"""
+
+
+def test_a_python_exception_names_the_users_file_and_line_not_torch() -> None:
+    cause = diagnose([RankEnd(0, 1, "node1", 10.0, USER_EXCEPTION), RankEnd(1, 0, "node2", 9.0)])
+    assert cause.kind == "python_exception"
+    assert cause.rank == 0 and cause.node == "node1"
+    assert cause.detail["exception"] == "ValueError"
+    assert cause.detail["where"] == "/work/job/model.py:12"
+    assert "shapes do not match" in cause.summary
+
+
+def test_the_first_failure_is_the_cause_and_the_others_are_consequences() -> None:
+    # rank 3 raised first; rank 0 saw its peer go; rank 1 and 2 were stopped by the launcher.
+    ends = [
+        RankEnd(0, 1, "node1", 12.0, PEER_GONE),
+        RankEnd(1, -15, "node1", 12.5, "", stopped_by_launcher=True),
+        RankEnd(2, -9, "node2", 12.6, "", stopped_by_launcher=True),
+        RankEnd(3, 1, "node2", 11.0, USER_EXCEPTION),
+    ]
+    cause = diagnose(ends)
+    assert cause.kind == "python_exception" and cause.rank == 3 and cause.node == "node2"
+    assert cause.consequences == (0, 1, 2)
+
+
+def test_a_peer_gone_error_that_ended_first_is_still_a_consequence() -> None:
+    """Exit order alone misleads: the survivor of a crash can exit before the crashed
+    rank's exit is seen."""
+    ends = [RankEnd(0, 1, None, 5.0, PEER_GONE), RankEnd(1, -11, None, 5.2, "")]
+    cause = diagnose(ends)
+    assert cause.kind == "native_crash" and cause.rank == 1
+    assert cause.consequences == (0,)
+
+
+def test_a_gloo_timeout_names_the_rank_that_did_not_arrive() -> None:
+    ends = [
+        RankEnd(0, 1, "node1", 20.0, GLOO_TIMEOUT),
+        RankEnd(1, -15, "node2", 20.5, "step 3\n", stopped_by_launcher=True),
+    ]
+    cause = diagnose(ends)
+    assert cause.kind == "collective_timeout" and cause.rank == 0
+    assert cause.detail["did_not_arrive"] == [1]
+
+
+def test_cuda_oom_is_matched_from_its_message() -> None:
+    cause = diagnose([RankEnd(0, 1, None, 1.0, CUDA_OOM)])
+    assert cause.kind == "cuda_oom" and "micro batch" in cause.hint
+
+
+def test_a_bus_error_in_a_loader_worker_is_a_full_dev_shm() -> None:
+    assert diagnose([RankEnd(0, 1, None, 1.0, SHM_BUS)]).kind == "shm_full"
+
+
+def test_a_missing_module_is_named() -> None:
+    cause = diagnose([RankEnd(0, 1, None, 1.0, NO_MODULE)])
+    assert cause.kind == "module_not_found" and "transformers" in cause.summary
+
+
+def test_a_missing_script_is_a_file_not_found() -> None:
+    log = "/usr/bin/python3: can't open file '/work/job/trian.py': [Errno 2] No such file\n"
+    cause = diagnose([RankEnd(0, 2, None, 1.0, log)])
+    assert cause.kind == "file_not_found" and "trian.py" in cause.summary
+
+
+@pytest.mark.parametrize("code", [-11, 139, -6, 134])
+def test_a_segfault_or_abort_is_a_native_crash(code: int) -> None:
+    assert diagnose([RankEnd(0, code, None, 1.0, "")]).kind == "native_crash"
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [
+        ("TIMEOUT", "time_limit"),
+        ("DEADLINE", "time_limit"),
+        ("NODE_FAIL", "node_failure"),
+        ("OUT_OF_MEMORY", "host_oom"),
+        ("BOOT_FAIL", "never_started"),
+        ("PREEMPTED", "preempted"),
+        ("CANCELLED by 1000", "cancelled"),
+    ],
+)
+def test_slurms_own_verdict_comes_first(state: str, kind: str) -> None:
+    cause = diagnose([RankEnd(0, -15, "node1", 1.0, "")], BackendView(slurm_state=state))
+    assert cause.kind == kind
+    if kind == "cancelled":
+        assert "1000" in cause.summary
+
+
+def test_docker_oom_killed_is_host_oom() -> None:
+    ends = [RankEnd(0, -9, None, 1.0, ""), RankEnd(1, -9, None, 1.1, "")]
+    assert diagnose(ends, BackendView(oom_killed=True)).kind == "host_oom"
+
+
+def test_ranks_that_never_reported_mean_the_job_never_started() -> None:
+    cause = diagnose([RankEnd(0, None), RankEnd(1, None)])
+    assert cause.kind == "never_started"
+
+
+def test_an_unrecognised_failure_is_unknown_with_the_raw_codes() -> None:
+    cause = diagnose([RankEnd(0, 3, None, 1.0, "something odd\n")])
+    assert cause.kind == "unknown"
+    assert cause.detail["exit_codes"] == {"0": 3}
+
+
+def test_signal_of_reads_both_conventions() -> None:
+    assert signal_of(-9) == 9 and signal_of(137) == 9 and signal_of(1) is None
+    assert signal_of(None) is None
+
+
+def test_last_exception_reads_the_final_traceback() -> None:
+    assert last_exception(USER_EXCEPTION) == (
+        "ValueError",
+        "shapes do not match: 3 vs 4",
+        "/work/job/model.py:12",
+    )
+    assert last_exception("no traceback here") is None
