@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from launcher import runs  # noqa: E402
-from launcher.backends.slurm import array as slurm_array  # noqa: E402
-from launcher.sweep import execute, report, state  # noqa: E402
+from launcher.sweep import execute, plan, report, state  # noqa: E402
 
 
 def write_config(folder: Path, points: int, backend: str) -> Path:
@@ -54,12 +53,6 @@ sweep:
 """
     )
     return path
-
-
-def cluster_size() -> int:
-    from launcher.backends.slurm.status import cluster_max_array_size
-
-    return cluster_max_array_size()
 
 
 def slurm_up() -> bool:
@@ -93,14 +86,15 @@ def job_budget() -> int:
 def plan_and_submit(folder: Path, points: int, backend: str) -> dict[str, float]:
     cfg = write_config(folder, points, backend)
     start = time.perf_counter()
-    prepared = execute.prepare(str(cfg), [])
+    prepared = plan.prepare(str(cfg), [])
     planned = time.perf_counter()
     assert len(prepared.points) == points
     out = {"plan_s": planned - start, **prepared.timings}
-    if backend == "slurm":
+    array = prepared.backend.array
+    if array is not None:
         # What `launcher sweep` does (claim under the lock, chunk files, one sbatch per
-        # array, sweep.json), with each array submitted held and cancelled at once: every
-        # array task counts against the test cluster's MaxJobCount (10,000).
+        # array, sweep.json after each), with each array submitted held and cancelled at
+        # once: every array task counts against the test cluster's MaxJobCount (10,000).
         arrays: list[str] = []
         cancel_s = 0.0
         # Real held submission when the controller has room for every task (plus a margin
@@ -119,29 +113,22 @@ def plan_and_submit(folder: Path, points: int, backend: str) -> dict[str, float]
 
         try:
             with state.locked(prepared.lock_root):
-                current, decision = execute._claim(prepared, execute.Options())
-                slurm_array.submit(
-                    prepared,
-                    decision.submit,
-                    parallelism=None,
-                    max_array_size=None,
-                    on_submitted=cancel,
-                    hold=True,
-                    test_only=test_only,
+                current, decision = execute.claim(prepared, execute.Options())
+                ids = current.claim(decision.submit, force=False)
+                execute.queue_arrays(
+                    prepared, current, ids, hold=True, test_only=test_only, after_each=cancel
                 )
-                state.save(prepared.directory, current)
         finally:
             if arrays:
                 subprocess.run(["scancel", *arrays], check=False)
         out["submit_s"] = time.perf_counter() - planned - cancel_s
-        out["arrays"] = len(slurm_array.chunks(decision.submit, cluster_size()))
+        out["arrays"] = -(-len(decision.submit) // array.max_array_size(prepared.spec))
         out["total_s"] = time.perf_counter() - start - cancel_s
         return out
-    else:
-        with state.locked(prepared.lock_root):
-            current, _ = execute._claim(prepared, execute.Options())
-            state.save(prepared.directory, current)
-        out["submit_s"] = time.perf_counter() - planned
+    with state.locked(prepared.lock_root):
+        current, _ = execute.claim(prepared, execute.Options())
+        current.save()
+    out["submit_s"] = time.perf_counter() - planned
     out["total_s"] = time.perf_counter() - start
     return out
 
@@ -149,9 +136,9 @@ def plan_and_submit(folder: Path, points: int, backend: str) -> dict[str, float]
 def finished_local_sweep(folder: Path, points: int) -> Path:
     """A 1,000-point local sweep as it looks when done: records, metrics, sweep.json."""
     cfg = write_config(folder, points, "local")
-    prepared = execute.prepare(str(cfg), [])
-    current = execute.merged_state(prepared)
-    for entry, point in zip(current["points"], prepared.points, strict=True):
+    prepared = plan.prepare(str(cfg), [])
+    current = prepared.open_state()
+    for entry, point in zip(current.points, prepared.points, strict=True):
         run_dir = Path(entry["run_dir"])
         record = runs.new_record(
             run_id=point.run_id, name="bench", backend="local", world_size=1, config_file=None
@@ -162,8 +149,8 @@ def finished_local_sweep(folder: Path, points: int) -> Path:
         (run_dir / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) + "\n" for s in range(100))
         )
-        entry["attempts"] = 1
-    state.save(prepared.directory, current)
+    current.mark_submitted(current.ids)
+    current.save()
     return prepared.directory
 
 
@@ -222,12 +209,13 @@ def main() -> None:
         )
         if "slurm" in backends:
             cfg = write_config(folder, n, "slurm")
-            prepared = execute.prepare(str(cfg), ["name=bench-status"])
+            prepared = plan.prepare(str(cfg), ["name=bench-status"])
             try:
                 execute.run(prepared, execute.Options(hold=True, err=io.StringIO()))
                 inside, cli = timed_status(prepared.directory, folder / "runs")
             finally:
-                arrays = (state.load(prepared.directory) or {}).get("array_job_ids", [])
+                saved = state.SweepState.load(prepared.directory)
+                arrays = saved.data.get("array_job_ids", []) if saved else []
                 if arrays:
                     subprocess.run(["scancel", *arrays], check=False)
             print(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher import cli, runs
-from launcher.sweep import define, execute, state
+from launcher.sweep import define, plan, state
 from tests.conftest import ROOT
 
 # The tiny job: no torch. It records when it ran (for the concurrency checks), fails while
@@ -93,8 +93,8 @@ def _state(runs_dir: Path, name: str = "tiny") -> dict:
 # --- expansion (pure) --------------------------------------------------------------------
 
 
-def _prepared(write_config, text: str, *overrides: str) -> execute.Prepared:
-    return execute.prepare(str(write_config(text)), list(overrides))
+def _prepared(write_config, text: str, *overrides: str) -> plan.Prepared:
+    return plan.prepare(str(write_config(text)), list(overrides))
 
 
 BASE = "name: exp\nentrypoint: {script: x.py}\n"
@@ -264,6 +264,45 @@ def test_dry_run_lists_points_and_touches_nothing(tiny, runs_dir):
     assert len(table) == 6 and all(" NEW " in row and " submit " in row for row in table)
     assert "# local: at most 2 points at a time" in proc.stdout
     assert list(runs_dir.iterdir()) == []
+
+
+def test_slurm_dry_run_shows_each_array_and_the_task_from_the_plan(tiny, runs_dir):
+    cfg = tiny("  grid: {env.X: ['0', '1', '2']}\n  parallelism: 2\n")
+    # No Slurm client on PATH: the dry-run must not need (or call) one.
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(runs_dir.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "sweep", str(cfg), "backend=slurm", "--dry-run"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "# slurm: 3 points in 1 array(s) of at most 1001 tasks" in out
+    assert out.count("#SBATCH --array=0-2%2") == 1 and "-m launcher.sweep.task " in out
+    # What each task runs comes from the first point's plan (its payload), in one piece.
+    tail = out.split("# then each task runs its own point like this (point 0 shown):\n", 1)[1]
+    assert tail.startswith("# the pickled task runs with this environment:\n")
+    assert "export X=0\n" in tail and "srun --unbuffered" in tail and "#SBATCH" not in tail
+    assert "end of sbatch script" not in out
+    assert list(runs_dir.iterdir()) == []
+
+
+def test_a_docker_sweep_detects_this_machines_hardware_once(tiny, runs_dir, monkeypatch):
+    import launcher.backends.docker as docker_backend
+    import launcher.hardware as hardware
+
+    calls = []
+    real = hardware.detect
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hardware, "detect", counted)
+    monkeypatch.setattr(docker_backend, "detect", counted)
+    cfg = tiny("  grid: {env.X: ['0', '1', '2', '3', '4']}\n")
+    prepared = plan.prepare(str(cfg), ["backend=docker"])
+    assert len(prepared.plans) == 5  # every point planned, with the one detection
+    assert len(calls) == 1
 
 
 def test_local_sweep_runs_every_point_within_the_limit_then_reports(tiny, runs_dir, tmp_path):

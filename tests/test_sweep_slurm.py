@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launcher import runs
-from launcher.sweep import execute
+from launcher.sweep import execute, plan, state
 from tests.conftest import ROOT, need
 
 # One xdist worker runs every slurm test, one after another (shared cluster).
@@ -101,8 +101,8 @@ def _wait_until_done(sweep_dir: Path, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         current = json.loads((sweep_dir / "sweep.json").read_text())
-        states = execute.current_states(current["points"])
-        if not any(s in execute.WAITING for s in states.values()):
+        states = state.current_states(current["points"], "slurm")
+        if not any(s in state.WAITING for s in states.values()):
             return states
         assert time.monotonic() < deadline, f"sweep not done after {timeout_s} s: {states}"
         time.sleep(3)
@@ -187,7 +187,7 @@ def test_chunks_follow_the_clusters_max_array_size(slurm_sweep, runs_dir):
     # One point more than an array may hold: two arrays, submitted held and cancelled.
     ys = math.ceil((limit + 1) / 2)
     cfg = slurm_sweep(2, ys)
-    prepared = execute.prepare(str(cfg), [])
+    prepared = plan.prepare(str(cfg), [])
     assert len(prepared.points) == 2 * ys > limit
     code = execute.run(prepared, execute.Options(hold=True))
     assert code == 0
@@ -199,13 +199,13 @@ def test_chunks_follow_the_clusters_max_array_size(slurm_sweep, runs_dir):
             sum(p["job_ids"][-1].startswith(f"{a}_") for p in current["points"]) for a in arrays
         ]
         assert sizes == [limit, 2 * ys - limit]
-        states = execute.current_states(current["points"][:3] + current["points"][-3:])
+        states = state.current_states(current["points"][:3] + current["points"][-3:], "slurm")
         assert set(states.values()) == {"PENDING"}  # held: queued, no record yet
     finally:
         subprocess.run(["scancel", *arrays], check=True)
     deadline = time.monotonic() + 60
     while True:
-        states = execute.current_states(current["points"][:3] + current["points"][-3:])
+        states = state.current_states(current["points"][:3] + current["points"][-3:], "slurm")
         if set(states.values()) == {"CANCELLED"}:
             break
         assert time.monotonic() < deadline, states

@@ -91,9 +91,9 @@ def main(argv: list[str]) -> int:
             file="command line",
             key="--max-points",
         )
-    from launcher.sweep import execute
+    from launcher.sweep import execute, plan
 
-    prepared = execute.prepare(args.config, args.overrides, max_points=args.max_points)
+    prepared = plan.prepare(args.config, args.overrides, max_points=args.max_points)
     opts = execute.Options(
         dry_run=args.dry_run, retry_failed=args.retry_failed, force=args.force, wait=args.wait
     )

@@ -1,195 +1,26 @@
-"""Decide which points to (re)submit and submit them: job arrays on Slurm, a
-concurrency-limited set of detached runs on the local and docker backends.
+"""Decide which points to (re)submit and submit them: as queued arrays on a backend with
+the array capability (Slurm), else as a concurrency-limited set of detached runs.
 
-Everything that can be wrong with a sweep is found before the first submission: the whole
-expansion is validated and every point is planned (local, docker) or checked to fit one
-array script (Slurm) first. Claims happen under the job's sweep lock, re-reading the
-state, so two invocations never submit the same point.
+A sweep is prepared (validated, planned) in `plan.py` before anything here runs. Claims
+happen under the job's sweep lock on a freshly read `SweepState`, so two invocations never
+submit the same point. This module never tests a backend's name: it asks `backend.array`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
-from launcher import config, runs
-from launcher.backends.base import Backend, Plan
-from launcher.spec import JobSpec
-from launcher.sweep import define, state
-from launcher.sweep.define import Point, SweepDef
+from launcher.sweep import report, state
+from launcher.sweep.plan import Prepared
+from launcher.sweep.state import NEW, WAITING, SweepState
 
 POLL_S = 0.2
-SLURM_POLL_S = 2.0
-DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's own default MaxArraySize
-ACTIVE = ("PENDING", "RUNNING")
-# Submitted to Slurm, but the batched query does not know the task yet.
-SUBMITTED = "SUBMITTED"
-WAITING = (*ACTIVE, SUBMITTED)
-
-
-@dataclass
-class Prepared:
-    """A sweep ready to submit: the loaded config, its points and their plans."""
-
-    loaded: config.Loaded
-    sweep: SweepDef
-    points: list[Point]
-    duplicates: int
-    sweep_id: str
-    directory: Path
-    backend: Backend
-    # Local and docker: every point's plan. Slurm: the first point's (each array task
-    # plans its own point on the cluster).
-    plans: dict[str, Plan] = field(default_factory=dict)
-    # Slurm: the sbatch parameters every point shares.
-    array_params: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    runs_base: str | None = field(default=None, repr=False)
-
-    @property
-    def spec(self) -> JobSpec:
-        return self.loaded.spec
-
-    @property
-    def lock_root(self) -> Path:
-        return state.sweeps_root(self.spec.runs_dir, self.spec.name)
-
-    def run_dir(self, point: Point) -> Path:
-        return runs.run_dir_for(self.spec.runs_dir, self.spec.name, point.run_id)
-
-    def run_dir_text(self, point: Point) -> str:
-        """run_dir() as text, without building a Path per point (10,000-point sweeps)."""
-        if self.runs_base is None:
-            self.runs_base = str(self.run_dir(point).parent)
-        return os.path.join(self.runs_base, point.run_id)
-
-
-def load_config(path: str, overrides: list[str]) -> config.Loaded:
-    """config.load, plus `sweep.*=value` overrides (the sweep section is a free mapping the
-    schema cannot type, so its values are read as YAML)."""
-    raw = config.load_raw(path)
-    plain: list[str] = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if sep and (key == "sweep" or key.startswith("sweep.")):
-            try:
-                value = yaml.safe_load(text) if text else None
-            except yaml.YAMLError:
-                value = text
-            if key == "sweep":
-                raw["sweep"] = value
-            else:
-                if not isinstance(raw.get("sweep"), dict):
-                    raw["sweep"] = {}
-                config.set_dotted(raw, key, value)
-        else:
-            plain.append(item)
-    raw = config.apply_overrides(raw, plain)
-    raw = config.resolve_paths(raw, Path(path), Path.cwd())
-    return config.Loaded(spec=config.build_spec(raw, path), raw=raw, file=path)
-
-
-def prepare(path: str, overrides: list[str], *, max_points: int | None = None) -> Prepared:
-    """Load, expand, validate and plan. Touches nothing (no files, no cluster)."""
-    from launcher.backends import get_backend
-
-    t0 = time.perf_counter()
-    loaded = load_config(path, overrides)
-    spec = loaded.spec
-    sweep = define.parse(spec.sweep, file=loaded.file, max_points=max_points)
-    expansion = define.expand(sweep, loaded.raw, spec, file=loaded.file)
-    t1 = time.perf_counter()
-    sweep_id = define.sweep_id(sweep, spec, loaded.file)
-    prepared = Prepared(
-        loaded=loaded,
-        sweep=sweep,
-        points=expansion.points,
-        duplicates=expansion.duplicates,
-        sweep_id=sweep_id,
-        directory=state.sweep_dir(spec.runs_dir, spec.name, sweep_id),
-        backend=get_backend(spec.backend),
-    )
-    if spec.backend == "slurm":
-        from launcher.backends.slurm import array as slurm_array
-
-        prepared.array_params = slurm_array.check(prepared)
-        planned = prepared.points[:1]
-        extra: dict[str, Any] = {}
-    else:
-        planned = prepared.points
-        extra = {}
-        if spec.backend == "local":
-            from launcher.hardware import detect
-
-            extra["hardware"] = detect()  # once, not once per point
-    for point in planned:
-        prepared.plans[point.id] = prepared.backend.plan(
-            point.spec,
-            run_id=point.run_id,
-            run_dir=prepared.run_dir(point),
-            config_file=loaded.file,
-            **extra,
-        )
-    prepared.timings = {"expand_s": t1 - t0, "plan_s": time.perf_counter() - t1}
-    return prepared
-
-
-# --- where each point stands -------------------------------------------------------------
-
-
-def current_states(entries: list[dict[str, Any]]) -> dict[str, str]:
-    """Point id -> state, brought up to date with one batched query per backend (not one
-    per point): `refresh` for runs with a record, and for Slurm array tasks that have not
-    written theirs yet (or whose record is from an earlier attempt) one sacct + squeue."""
-    from launcher.backends import get_backend
-
-    found: dict[str, str] = {}
-    active: dict[str, list[tuple[str, Path]]] = {}
-    queued: dict[str, str] = {}
-    for entry in entries:
-        run_dir = entry["run_dir"]
-        job_ids = entry.get("job_ids") or []
-        record = _read_record(run_dir)
-        info = (record or {}).get("backend_info") or {}
-        if job_ids and info.get("job_id") != job_ids[-1]:
-            queued[entry["id"]] = job_ids[-1]  # this attempt's task has not started yet
-            continue
-        if record is None or (record["state"] == "PENDING" and not info):
-            # Never started, or a record written just before a submission that failed.
-            found[entry["id"]] = state.NEW
-            continue
-        found[entry["id"]] = record["state"]
-        if record["state"] in ACTIVE:
-            active.setdefault(record["backend"], []).append((entry["id"], Path(run_dir)))
-    for backend_name, items in active.items():
-        get_backend(backend_name).refresh([run_dir for _, run_dir in items])
-        for point_id, run_dir in items:
-            found[point_id] = state.record_state(run_dir)
-    if queued:
-        from launcher.backends.slurm import array as slurm_array
-
-        tasks = slurm_array.task_states(sorted(set(queued.values())))
-        for point_id, job_id in queued.items():
-            found[point_id] = tasks[job_id]
-    return found
-
-
-def _read_record(run_dir: str) -> dict[str, Any] | None:
-    """The run record, or None when the point has no (readable) record yet."""
-    try:
-        with open(os.path.join(run_dir, runs.RECORD), "rb") as fh:
-            return json.loads(fh.read())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
+# Array backends: a queue, polled less often than local runs.
+ARRAY_POLL_S = 2.0
 
 
 @dataclass
@@ -206,10 +37,10 @@ def decide(ids: list[str], states: dict[str, str], *, retry_failed: bool, force:
     skipped: dict[str, int] = {}
     reasons: dict[str, str] = {}
     for point_id in ids:
-        now = states.get(point_id, state.NEW)
+        now = states.get(point_id, NEW)
         if now in WAITING:
             go = False
-        elif now == state.NEW:
+        elif now == NEW:
             go = True
         elif now in ("FAILED", "CANCELLED"):
             go = retry_failed or force
@@ -217,7 +48,7 @@ def decide(ids: list[str], states: dict[str, str], *, retry_failed: bool, force:
             go = force
         if go:
             submit.append(point_id)
-            reasons[point_id] = "submit" if now == state.NEW else "resubmit"
+            reasons[point_id] = "submit" if now == NEW else "resubmit"
         else:
             skipped[now] = skipped.get(now, 0) + 1
             reasons[point_id] = "skip"
@@ -235,48 +66,6 @@ def skip_text(decision: Decision) -> str:
     return text
 
 
-# --- state file --------------------------------------------------------------------------
-
-
-def merged_state(prepared: Prepared) -> dict[str, Any]:
-    """sweep.json for this expansion, keeping attempts and job ids from earlier runs."""
-    spec = prepared.spec
-    old = state.load(prepared.directory)
-    new = state.new_state(
-        sweep_id=prepared.sweep_id,
-        name=spec.name,
-        backend=spec.backend,
-        config_file=prepared.loaded.file,
-        runs_dir=spec.runs_dir,
-        keys=prepared.sweep.keys,
-        log_keys=prepared.sweep.log_keys,
-        metric=prepared.sweep.metric,
-    )
-    previous = {p["id"]: p for p in (old or {}).get("points", [])}
-    if old:
-        new["created_at"] = old.get("created_at", new["created_at"])
-        new["array_job_ids"] = old.get("array_job_ids", [])
-    for point in prepared.points:
-        entry = state.new_point(
-            point.index, point.id, prepared.run_dir_text(point), point.overrides
-        )
-        before = previous.get(point.id)
-        if before:
-            for key in ("state", "attempts", "job_ids", "submitted_at"):
-                entry[key] = before.get(key, entry[key])
-        new["points"].append(entry)
-    return new
-
-
-def _set_aside(run_dir: Path, directory: Path, attempt: int) -> None:
-    """--force: keep the previous run's folder (under the sweep dir) and start clean."""
-    if run_dir.exists():
-        target = directory / "replaced" / f"{run_dir.name}.{attempt}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(run_dir, target)
-
-
 # --- running -----------------------------------------------------------------------------
 
 
@@ -289,25 +78,14 @@ class Options:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     poll_s: float = POLL_S
-    # Slurm (benchmarks): submit the arrays held, so nothing starts.
+    # Array backends (benchmarks): queue the arrays held, so nothing starts.
     hold: bool = False
 
 
 def parallelism(prepared: Prepared) -> int | None:
-    """Slurm: the %N limit of each array (None: no limit). Local/docker: points at once
-    (default: as many as this machine's CPUs hold, at the point's processes each)."""
-    spec = prepared.spec
-    if spec.backend == "slurm":
-        return prepared.sweep.parallelism or spec.slurm.array_parallelism
-    if prepared.sweep.parallelism:
-        return prepared.sweep.parallelism
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // spec.resources.tasks_per_node)
-
-
-def array_size(prepared: Prepared) -> int | None:
-    """Configured MaxArraySize; None: read from the cluster at submission."""
-    return prepared.spec.slurm.max_array_size
+    """Points running at once: the sweep's `parallelism`, else the backend's default (an
+    array's %N limit, None: no limit; points at once on this machine)."""
+    return prepared.sweep.parallelism or prepared.backend.default_parallelism(prepared.spec)
 
 
 def header(prepared: Prepared) -> str:
@@ -319,25 +97,31 @@ def header(prepared: Prepared) -> str:
 
 
 def run(prepared: Prepared, opts: Options) -> int:
-    """Submit what is missing (and failed, or all, as asked); local: run them to the end."""
+    """Submit what is missing (and failed, or all, as asked); detached runs: to the end."""
     if opts.dry_run:
         return _dry_run(prepared, opts)
-    if prepared.spec.backend == "slurm":
-        return _run_slurm(prepared, opts)
-    return _run_local(prepared, opts)
+    if prepared.backend.array is not None:
+        return _run_arrays(prepared, opts)
+    return _run_detached(prepared, opts)
+
+
+def claim(prepared: Prepared, opts: Options) -> tuple[SweepState, Decision]:
+    """Under the lock: the sweep's state with fresh point states, and what to submit."""
+    current = prepared.open_state()
+    states = current.refresh()
+    decision = decide(current.ids, states, retry_failed=opts.retry_failed, force=opts.force)
+    return current, decision
 
 
 def _dry_run(prepared: Prepared, opts: Options) -> int:
     """The table of points and what a real run would submit; reads records, queries nothing."""
-    from launcher.sweep import report
-
-    old = state.load(prepared.directory) or {}
-    previous = {p["id"]: p for p in old.get("points", [])}
+    saved = SweepState.load(prepared.directory)
     states = {}
     for point in prepared.points:
         now = state.record_state(prepared.run_dir(point))
-        if previous.get(point.id, {}).get("job_ids") and now in (state.NEW, "FAILED"):
-            now = SUBMITTED if now == state.NEW else now
+        before = saved.get(point.id) if saved else None
+        if now == NEW and before and before["job_ids"]:
+            now = state.SUBMITTED  # queued as an array task that has no record yet
         states[point.id] = now
     ids = [p.id for p in prepared.points]
     decision = decide(ids, states, retry_failed=opts.retry_failed, force=opts.force)
@@ -356,101 +140,38 @@ def _dry_run(prepared: Prepared, opts: Options) -> int:
 
 
 def _print_backend_plan(prepared: Prepared, submit: list[str], out: TextIO) -> None:
-    spec = prepared.spec
     limit = parallelism(prepared)
-    if spec.backend != "slurm":
-        print(f"# {spec.backend}: at most {limit} points at a time", file=out)
+    array = prepared.backend.array
+    if array is None:
+        print(f"# {prepared.spec.backend}: at most {limit or 1} points at a time", file=out)
         if submit:
             print("# the first point's plan:", file=out)
             print(prepared.plans[submit[0]].render(), file=out)
         return
-    from launcher.backends.slurm import array as slurm_array
-
-    size = array_size(prepared)
-    where = "slurm.max_array_size" if size else "Slurm's default; the cluster's is read at submit"
-    size = size or DEFAULT_MAX_ARRAY_SIZE
-    groups = slurm_array.chunks(submit, size)
-    print(
-        f"# slurm: {len(submit)} points in {len(groups)} array(s) of at most {size} tasks "
-        f"({where}); "
-        + (
-            f"at most {limit} tasks at once (each array starts after the one before it ends)"
-            if limit
-            else "no limit on running tasks"
-        ),
-        file=out,
+    text = array.render(
+        prepared.directory,
+        submit,
+        spec=prepared.points[0].spec if prepared.points else prepared.spec,
+        params=prepared.array_params,
+        parallelism=limit,
     )
-    folder = slurm_array.folder_of(prepared)
-    first = slurm_array.next_chunk_number(folder) if folder.is_dir() else 1
-    for n, group in enumerate(groups):
-        chunk_file = folder / f"chunk-{first + n}.json"
-        print(
-            f"# ---- array {n + 1}/{len(groups)}: {len(group)} points, task i runs point "
-            f"i of {chunk_file} ----",
-            file=out,
-        )
-        script = slurm_array.render(prepared, folder, chunk_file, len(group), limit)
-        print(script.rstrip("\n"), file=out)
-    if prepared.points:
+    print(text, file=out)
+    if prepared.plans:
         plan = next(iter(prepared.plans.values()))
         print("# then each task runs its own point like this (point 0 shown):", file=out)
-        print(plan.render().split(plan.payload.script.rstrip("\n"), 1)[-1].lstrip("\n"), file=out)
+        print(array.render_task(plan), file=out)
 
 
-def _claim(prepared: Prepared, opts: Options) -> tuple[dict[str, Any], Decision]:
-    """Under the lock: the merged state with fresh point states, and what to submit."""
-    current = merged_state(prepared)
-    states = current_states(current["points"])
-    for entry in current["points"]:
-        entry["state"] = states[entry["id"]]
-    decision = decide(
-        [e["id"] for e in current["points"]],
-        states,
-        retry_failed=opts.retry_failed,
-        force=opts.force,
-    )
-    return current, decision
-
-
-def _run_slurm(prepared: Prepared, opts: Options) -> int:
-    from launcher.backends.slurm import array as slurm_array
-
+def _run_arrays(prepared: Prepared, opts: Options) -> int:
     with state.locked(prepared.lock_root):
-        current, decision = _claim(prepared, opts)
+        current, decision = claim(prepared, opts)
         print(
             f"launcher: {header(prepared)}; submitting {len(decision.submit)}; "
             f"{skip_text(decision)}",
             file=opts.err,
         )
-        by_id = {e["id"]: e for e in current["points"]}
-        if opts.force:
-            for point_id in decision.submit:
-                entry = by_id[point_id]
-                if entry["state"] != state.NEW:
-                    _set_aside(Path(entry["run_dir"]), prepared.directory, entry["attempts"])
-
-        def submitted(array_id: str, ids: list[str]) -> None:
-            stamp = runs.now()
-            for task, point_id in enumerate(ids):
-                entry = by_id[point_id]
-                entry["attempts"] += 1
-                entry["job_ids"] = [*entry["job_ids"], f"{array_id}_{task}"]
-                entry["submitted_at"] = stamp
-                entry["state"] = "PENDING"
-            current["array_job_ids"] = [*current.get("array_job_ids", []), array_id]
-            state.save(prepared.directory, current)  # an array task may look for it now
-
-        try:
-            job_ids = slurm_array.submit(
-                prepared,
-                decision.submit,
-                parallelism=parallelism(prepared),
-                max_array_size=array_size(prepared),
-                on_submitted=submitted,
-                hold=opts.hold,
-            )
-        finally:
-            state.save(prepared.directory, current)
+        ids = current.claim(decision.submit, force=opts.force)
+        job_ids = queue_arrays(prepared, current, ids, hold=opts.hold)
     if job_ids:
         print(f"launcher: submitted array job(s) {', '.join(job_ids)}", file=opts.err)
     print(f"launcher: follow with `launcher sweep status {prepared.directory}`", file=opts.err)
@@ -459,13 +180,66 @@ def _run_slurm(prepared: Prepared, opts: Options) -> int:
     return _wait_all(prepared, opts)
 
 
+def queue_arrays(
+    prepared: Prepared,
+    current: SweepState,
+    ids: list[str],
+    *,
+    hold: bool = False,
+    test_only: bool = False,
+    after_each: Callable[[str, list[str]], None] | None = None,
+) -> list[str]:
+    """Under the lock: queue these claimed points with the backend's array capability,
+    saving the state after each array (its tasks may look for it at once) and at the end,
+    also when a later array fails. `test_only`, `after_each`: benchmarks."""
+    array = prepared.backend.array
+    assert array is not None
+
+    def submitted(array_id: str, point_ids: list[str]) -> None:
+        if array_id:  # '' with test_only: nothing was queued
+            current.mark_submitted(point_ids, array_id)
+            current.save()
+        if after_each:
+            after_each(array_id, point_ids)
+
+    try:
+        return array.submit(
+            prepared.directory,
+            _array_points(prepared, ids),
+            base=prepared.loaded.raw,
+            config_file=prepared.loaded.file,
+            spec=prepared.points[0].spec,
+            params=prepared.array_params,
+            parallelism=parallelism(prepared),
+            on_submitted=submitted,
+            hold=hold,
+            test_only=test_only,
+        )
+    finally:
+        current.save()
+
+
+def _array_points(prepared: Prepared, ids: list[str]) -> list[dict[str, Any]]:
+    """What an array task needs to rebuild its point: id, index, run id, swept values."""
+    by_id = {p.id: p for p in prepared.points}
+    return [
+        {
+            "id": i,
+            "index": by_id[i].index,
+            "run_id": by_id[i].run_id,
+            "overrides": by_id[i].overrides,
+        }
+        for i in ids
+    ]
+
+
 def _wait_all(prepared: Prepared, opts: Options) -> int:
     while True:
-        current = state.load(prepared.directory) or {"points": []}
-        states = current_states(current["points"])
+        current = SweepState.load(prepared.directory)
+        states = current.refresh() if current else {}
         if not any(s in WAITING for s in states.values()):
             return _finish(prepared, states, opts)
-        time.sleep(max(opts.poll_s, SLURM_POLL_S))
+        time.sleep(max(opts.poll_s, ARRAY_POLL_S))
 
 
 def _finish(prepared: Prepared, states: dict[str, str], opts: Options) -> int:
@@ -480,45 +254,39 @@ def _finish(prepared: Prepared, states: dict[str, str], opts: Options) -> int:
     return 1 if failed else 0
 
 
-def _run_local(prepared: Prepared, opts: Options) -> int:
+def _run_detached(prepared: Prepared, opts: Options) -> int:
     """Keep up to `parallelism` points of this sweep running (counting points started by
     another invocation), claiming each under the lock, until this invocation's share ends."""
     limit = parallelism(prepared) or 1
     directory = prepared.directory
     with state.locked(prepared.lock_root):
-        current, decision = _claim(prepared, opts)
-        state.save(directory, current)
+        current, decision = claim(prepared, opts)
+        current.save()
     print(
         f"launcher: {header(prepared)}; running {len(decision.submit)}, at most {limit} at a "
         f"time; {skip_text(decision)}",
         file=opts.err,
     )
     # A point is claimed only if nobody submitted it since we decided (attempts unchanged).
-    todo = {e["id"]: e["attempts"] for e in current["points"] if e["id"] in decision.submit}
+    seen = {i: current.entry(i)["attempts"] for i in decision.submit}
     queue = list(decision.submit)
     mine: set[str] = set()
     try:
         while queue or mine:
             with state.locked(prepared.lock_root):
-                current = merged_state(prepared)
-                by_id = {e["id"]: e for e in current["points"]}
-                active = [e for e in current["points"] if e["state"] in ACTIVE]
-                fresh = current_states(active)
-                for entry in active:
-                    entry["state"] = fresh[entry["id"]]
-                mine = {i for i in mine if by_id[i]["state"] in ACTIVE}
-                running = sum(e["state"] in ACTIVE for e in current["points"])
+                current = prepared.open_state()
+                current.refresh(only_states=state.ACTIVE)
+                mine = {i for i in mine if current.entry(i)["state"] in state.ACTIVE}
+                running = current.count(state.ACTIVE)
                 try:
                     while queue and running < limit:
                         point_id = queue.pop(0)
-                        entry = by_id[point_id]
-                        if entry["attempts"] != todo[point_id]:
-                            continue  # another invocation took it
-                        _start_local(prepared, entry, opts.force)
-                        mine.add(point_id)
-                        running += 1
+                        if current.claim([point_id], force=opts.force, seen=seen):
+                            _start(prepared, current, point_id)
+                            mine.add(point_id)
+                            running += 1
                 finally:
-                    state.save(directory, current)
+                    current.save()
             if queue or mine:
                 time.sleep(opts.poll_s)
     except KeyboardInterrupt:
@@ -528,19 +296,16 @@ def _run_local(prepared: Prepared, opts: Options) -> int:
             file=opts.err,
         )
         raise
-    final = current_states(merged_state(prepared)["points"])
+    final = prepared.open_state().refresh()
     return _finish(prepared, final, opts)
 
 
-def _start_local(prepared: Prepared, entry: dict[str, Any], force: bool) -> None:
-    if force and entry["state"] != state.NEW:
-        _set_aside(Path(entry["run_dir"]), prepared.directory, entry["attempts"])
-    entry["attempts"] += 1
-    entry["submitted_at"] = runs.now()
-    entry["state"] = "PENDING"
-    plan = prepared.plans[entry["id"]]
+def _start(prepared: Prepared, current: SweepState, point_id: str) -> None:
+    """Submit one claimed point detached; a failed start leaves its record's state."""
+    current.mark_submitted([point_id])
+    plan = prepared.plans[point_id]
     try:
-        prepared.backend.submit(plan, foreground=False)
+        prepared.backend.submit(plan, foreground=False, echo=False)
     except BaseException:
-        entry["state"] = state.record_state(plan.run_dir)
+        current.apply({point_id: state.record_state(plan.run_dir)})
         raise

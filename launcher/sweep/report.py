@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,20 +44,19 @@ def table(headers: list[str], rows: list[list[str]], limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def collect(directory: Path, metric: str | None = None) -> tuple[dict[str, Any], list[dict]]:
+def collect(directory: Path, metric: str | None = None) -> tuple[state.SweepFile, list[dict]]:
     """The sweep's state with each point's current state (one batched refresh per backend),
     attempts, job id and final metric."""
-    from launcher.sweep.execute import current_states
-
-    current = state.load(directory)
-    if current is None:
+    saved = state.SweepState.load(directory)
+    if saved is None:
         raise RunNotFound(f"{directory}: no {state.SWEEP_FILE} there")
+    current = saved.data
     metric = metric or current.get("metric") or "loss"
-    states = current_states(current["points"])
+    states = state.current_states(saved.points, current["backend"])
     rows = []
-    for entry in current["points"]:
+    for entry in saved.points:
         now = states[entry["id"]]
-        record: dict[str, Any] = {}
+        record: Mapping[str, Any] = {}
         if now != state.NEW:
             try:
                 record = runs.read_record(entry["run_dir"])
@@ -142,7 +142,7 @@ def write_report(directory: Path, out_dir: Path, metric: str | None = None) -> t
     return csv_path, png_path
 
 
-def _plot(current: dict[str, Any], rows: list[dict], keys: list[str], metric: str) -> bytes:
+def _plot(current: state.SweepFile, rows: list[dict], keys: list[str], metric: str) -> bytes:
     """One panel per swept key: the metric of each finished point against the key's value."""
     import matplotlib
 

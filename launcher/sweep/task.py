@@ -23,7 +23,7 @@ def prepare_task(chunk_file: Path, array_job_id: str, task_index: int) -> tuple[
     from submitit.core.utils import DelayedSubmission, JobPaths
 
     from launcher import runs
-    from launcher.backends import slurm
+    from launcher.backends.slurm import backend as slurm
     from launcher.errors import ConfigError
     from launcher.sweep import define
 
