@@ -382,3 +382,38 @@ def test_signal_handlers_restored_after_train(tmp_path: Path) -> None:
     after = {s: signal.getsignal(s) for s in before}
     assert before == after
     assert os.environ.get("PYTHONHASHSEED") == "0"
+
+
+def test_error_in_forward_propagates_unchanged(tmp_path: Path, monkeypatch) -> None:
+    """The trainer clears its own frames' locals on the way out; the error itself stays whole."""
+    pkg = tmp_path / "failpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(32, 8)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, batch):\n"
+        "        self.calls += 1\n"
+        "        if self.calls == 3:\n"
+        "            raise ValueError('forward failed on call 3')\n"
+        "        x, y = batch\n"
+        "        return torch.nn.functional.cross_entropy(self.lin(x), y)\n"
+        "def build():\n"
+        "    return Net()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = spec_of(
+        model="failpkg:build",
+        dataset="launcher.runtime.models:SyntheticClassification",
+        steps=10,
+        global_batch_size=8,
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ValueError, match="forward failed on call 3") as info:
+        train(spec, tmp_path / "run")
+    last = info.traceback[-1]
+    assert Path(last.path).name == "__init__.py" and last.frame.code.name == "forward"
+    assert signal.getsignal(signal.SIGTERM) == before

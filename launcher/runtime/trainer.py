@@ -21,19 +21,21 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from launcher.errors import ConfigError
 from launcher.runtime import EXIT_OK, REQUEUE_EXIT_CODE, STOP_SIGNALS, dist, models
 from launcher.runtime import checkpoint as ckpt
-from launcher.runtime.loader import make_loader, resolve_picks
+from launcher.runtime.loader import ResumableSampler, make_loader, resolve_picks
 from launcher.runtime.optim import (
     apply_activation_checkpointing,
     build_optimizer,
@@ -48,6 +50,9 @@ from launcher.runtime.seed import (
 )
 from launcher.schema import to_dict
 from launcher.spec import JobSpec, TrainSpec
+
+if TYPE_CHECKING:
+    from launcher.hardware import LoaderPicks
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
@@ -262,7 +267,7 @@ def _maybe_fetch_data(spec: JobSpec, ctx: dist.DistContext) -> None:
     if ctx.env.local_rank == 0:
         fetch_all(spec.data)
     if ctx.distributed:
-        tdist.barrier(group=ctx.control)
+        tdist.barrier(group=_control_group(ctx))
 
 
 def _agree_on_checkpoint(folder: Path, ctx: dist.DistContext) -> tuple[Path, dict[str, Any]] | None:
@@ -270,7 +275,7 @@ def _agree_on_checkpoint(folder: Path, ctx: dist.DistContext) -> tuple[Path, dic
     found = ckpt.load_latest(folder, ctx.device, ctx.logger) if ctx.is_main else None
     choice: list[str | None] = [str(found[0]) if found else None]
     if ctx.distributed:
-        tdist.broadcast_object_list(choice, src=0, group=ctx.control)
+        tdist.broadcast_object_list(choice, src=0, group=_control_group(ctx))
     if choice[0] is None:
         return None
     if found is not None:
@@ -303,278 +308,398 @@ def train(
         ctx = dist.init(timeout_s=spec.train.dist_timeout_s, environ=environ)
         try:
             _maybe_fetch_data(spec, ctx)
-            return _train(spec, run_dir, ctx, stop)
+            return _Trainer(spec, run_dir, ctx, stop).run()
         finally:
             dist.teardown(ctx)
     finally:
         StopRequest.restore(previous)
 
 
-def _train(spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopRequest) -> TrainResult:
-    train = spec.train
-    log = ctx.logger
-    device = ctx.device
-    world, rank = ctx.env.world_size, ctx.env.rank
-    micro, accum = batch_plan(train, world)
+class _Trainer:
+    """One rank's run: the parts built from `spec.train`, and the loop state in fields.
 
-    # Same seed on every rank for the model's initial weights.
-    seed_everything(train.seed)
-    built = models.build(train)
-    model = built.model.to(device)
-    wrapped = apply_activation_checkpointing(model, train.activation_checkpointing)
-    optimizer = build_optimizer(model, train.optimizer)
-    scheduler = build_scheduler(optimizer, train.schedule, train.steps)
-    scaler = torch.amp.GradScaler(device.type) if train.precision == "fp16" else None
+    After torchtitan's `Trainer`: `resume()` restores a checkpoint, `train_step()` is one
+    optimizer step, `save()` writes `state_dict()` atomically, `run()` loops to the last step
+    or to a stop all ranks agreed on. Building happens in `__init__`, in the order the random
+    streams need: the model's weights from the shared seed, then the loader, the checkpoint,
+    DDP and last the per-rank streams.
+    """
 
-    uses_gpu = device.type == "cuda"
-    picks = resolve_picks(spec.loader, local_world_size=ctx.env.local_world_size, uses_gpu=uses_gpu)
-    generator = torch.Generator()
-    loader = make_loader(
-        built.dataset,
-        micro,
-        seed=train.seed,
-        collate_fn=built.collate_fn,
-        picks=picks,
-        rank=rank,
-        world_size=world,
-        generator=generator,
-        uses_gpu=uses_gpu,
-    )
-    sampler = loader.sampler
-    micro_per_epoch = sampler.num_samples // micro
-    if micro_per_epoch < accum:
-        raise ConfigError(
-            f"the dataset has {len(built.dataset)} samples, fewer than one step needs "
-            f"({train.global_batch_size})",
-            key="train.global_batch_size",
-        )
+    def __init__(
+        self, spec: JobSpec, run_dir: Path, ctx: dist.DistContext, stop: StopRequest
+    ) -> None:
+        self.spec, self.train, self.ctx, self.stop = spec, spec.train, ctx, stop
+        self.log, self.device = ctx.logger, ctx.device
+        self.world, self.rank = ctx.env.world_size, ctx.env.rank
+        self.micro, self.accum = batch_plan(self.train, self.world)
+        self.uses_gpu = self.device.type == "cuda"
+        self.folder = run_dir / CHECKPOINT_DIR
+        # Loop state: what a checkpoint holds, and this call's totals for samples_per_s.
+        self.step = self.epoch = self.samples_in_epoch = 0
+        self.last_loss: float | None = None
+        self.resumed_from: Path | None = None
+        self.last_path: Path | None = None
+        self.stopping = False
+        self.run_samples, self.run_time = 0, 0.0
 
-    folder = run_dir / CHECKPOINT_DIR
-    step = epoch = samples_in_epoch = 0
-    resumed_from: Path | None = None
-    rng: dict[str, Any] | None = None
-    resumed_loss: float | None = None
-    found = _agree_on_checkpoint(folder, ctx) if train.resume else None
-    if found is not None:
-        resumed_from, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, epoch = int(state["step"]), int(state["epoch"])
-        samples_in_epoch = int(state["samples_in_epoch"])
-        resumed_loss = state.get("loss")
-        if len(state["rng"]) == world:
-            rng = state["rng"][rank]
-        else:
-            log.warning(
-                "checkpoint was written by %d ranks, now %d: RNG streams restart from the seed",
-                len(state["rng"]),
-                world,
+        self.build_model()
+        self.generator = torch.Generator()  # reseeded per epoch in `epoch_batches`
+        self.picks, self.loader = self.build_loader()
+        self.sampler = cast(ResumableSampler, self.loader.sampler)
+        self.micro_per_epoch = self.sampler.num_samples // self.micro
+        if self.micro_per_epoch < self.accum:
+            raise ConfigError(
+                f"the dataset has {len(cast(Sized, self.built.dataset))} samples, fewer than "
+                f"one step needs ({self.train.global_batch_size})",
+                key="train.global_batch_size",
             )
-        del state
+        rng = self.resume() if self.train.resume else None
+        self.ddp = self.wrap()
+        # Per-rank random streams (dropout differs between ranks), or the saved ones on resume.
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            seed_everything(rank_seed(self.train.seed, self.rank, self.step), hash_seed=False)
+        self.metrics = MetricsLog(run_dir / METRICS_FILE, ctx.is_main)
+        self.announce()
+        self.control = _Control(ctx)
+        self.non_blocking = self.picks.pin_memory and self.uses_gpu
 
-    ddp = model
-    if ctx.distributed:
-        ddp = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if uses_gpu else None,
+    # --- building ------------------------------------------------------------------------
+
+    def build_model(self) -> None:
+        """Model, optimizer, schedule and scaler; the same seed on every rank for the weights."""
+        train = self.train
+        seed_everything(train.seed)
+        self.built = models.build(train)
+        self.model = self.built.model.to(self.device)
+        self.wrapped = apply_activation_checkpointing(self.model, train.activation_checkpointing)
+        self.optimizer = build_optimizer(self.model, train.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, train.schedule, train.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if train.precision == "fp16" else None
+
+    def build_loader(self) -> tuple[LoaderPicks, DataLoader]:
+        """The loader picks and this rank's DataLoader over its shard, micro batches long."""
+        picks = resolve_picks(
+            self.spec.loader,
+            local_world_size=self.ctx.env.local_world_size,
+            uses_gpu=self.uses_gpu,
+        )
+        loader = make_loader(
+            self.built.dataset,
+            self.micro,
+            seed=self.train.seed,
+            collate_fn=self.built.collate_fn,
+            picks=picks,
+            rank=self.rank,
+            world_size=self.world,
+            generator=self.generator,
+            uses_gpu=self.uses_gpu,
+        )
+        return picks, loader
+
+    def wrap(self) -> torch.nn.Module:
+        """The module the steps call: DDP around the model when there are several ranks."""
+        if not self.ctx.distributed:
+            return self.model
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if self.uses_gpu else None,
             gradient_as_bucket_view=True,
         )
-    # Per-rank random streams (dropout differs between ranks), or the saved ones on resume.
-    if rng is not None:
-        set_rng_state(rng)
-    else:
-        seed_everything(rank_seed(train.seed, rank, step), hash_seed=False)
 
-    metrics = MetricsLog(run_dir / METRICS_FILE, ctx.is_main)
-    n_params = sum(p.numel() for p in model.parameters())
-    if ctx.is_main:
-        log.info(
-            "%s: %.2fM parameters, %d ranks x micro batch %d x %d accumulation = %d per step, "
-            "%s, loader %s",
-            built.description,
-            n_params / 1e6,
-            world,
-            micro,
-            accum,
-            train.global_batch_size,
-            train.precision,
-            {k: getattr(picks, k) for k in ("num_workers", "pin_memory", "prefetch_factor")},
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the newest checkpoint all ranks agree on; returns this rank's saved RNG state.
+
+        None when there is no checkpoint, or when it was written by another number of ranks.
+        """
+        found = _agree_on_checkpoint(self.folder, self.ctx)
+        if found is None:
+            return None
+        self.resumed_from, state = found
+        self.load_state_dict(state)
+        rngs = state["rng"]
+        if len(rngs) == self.world:
+            return rngs[self.rank]
+        self.log.warning(
+            "checkpoint was written by %d ranks, now %d: RNG streams restart from the seed",
+            len(rngs),
+            self.world,
         )
-        if wrapped:
-            log.info("activation checkpointing on %s", ", ".join(wrapped))
-    if resumed_from is not None:
-        if ctx.is_main:
-            log.info("resuming from %s (step %d, epoch %d)", resumed_from, step, epoch)
-        metrics.event("resume", step=step, epoch=epoch, checkpoint=str(resumed_from))
-    else:
-        metrics.event(
-            "start",
-            world_size=world,
-            micro_batch_size=micro,
-            accumulation=accum,
-            parameters=n_params,
-            train=to_dict(train),
-        )
+        return None
 
-    control = _Control(ctx)
-    last_loss: float | None = resumed_loss
-    last_path: Path | None = resumed_from
-    stopping = False
-    run_samples, run_time = 0, 0.0
-    non_blocking = picks.pin_memory and uses_gpu
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Model, optimizer, schedule, scaler and loop position from a checkpoint's state."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.samples_in_epoch = int(state["samples_in_epoch"])
+        self.last_loss = state.get("loss")
 
-    def emit(done: list[tuple[dict[str, Any], float]]) -> None:
-        nonlocal last_loss
-        for record, loss in done:
-            record["loss"] = last_loss = loss
-            if not ctx.is_main:
-                continue
-            if not math.isfinite(loss) and scaler is None:
-                log.warning("step %d: loss is %s", record["step"], loss)
-            if record["step"] % train.log_every == 0 or record["step"] == 1:
-                log.info(
-                    "step %d/%d loss %.4f lr %.3g %.0f samples/s",
-                    record["step"],
-                    train.steps,
-                    loss,
-                    record["lr"],
-                    record["samples_per_s"],
-                )
-        metrics.write(*(record for record, _ in done))
+    def state_dict(self, rngs: list[Any]) -> dict[str, Any]:
+        """What a checkpoint holds; `rngs` are every rank's RNG states, in rank order."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "samples_in_epoch": self.samples_in_epoch,
+            "world_size": self.world,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs,
+            "loss": self.last_loss,
+            "train": to_dict(self.train),
+        }
 
-    def save_checkpoint() -> Path:
-        rngs: list[Any] = [None] * world
-        if ctx.distributed:
-            tdist.all_gather_object(rngs, get_rng_state(), group=ctx.control)
+    def save(self) -> Path:
+        """Gather the ranks' RNG states; rank 0 writes the checkpoint. Every rank: its path."""
+        rngs: list[Any] = [None] * self.world
+        if self.ctx.distributed:
+            tdist.all_gather_object(rngs, get_rng_state(), group=_control_group(self.ctx))
         else:
             rngs[0] = get_rng_state()
-        path = ckpt.path_for(folder, step)
-        if ctx.is_main:
-            state = {
-                "step": step,
-                "epoch": epoch,
-                "samples_in_epoch": samples_in_epoch,
-                "world_size": world,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rngs,
-                "loss": last_loss,
-                "train": to_dict(train),
-            }
-            path = ckpt.save(folder, step, state, keep_last=train.keep_last)
-            metrics.event("checkpoint", step=step, path=str(path))
+        path = ckpt.path_for(self.folder, self.step)
+        if self.ctx.is_main:
+            state = self.state_dict(rngs)
+            path = ckpt.save(self.folder, self.step, state, keep_last=self.train.keep_last)
+            self.metrics.event("checkpoint", step=self.step, path=str(path))
         return path
 
-    try:
-        while step < train.steps and not stopping:
-            start = samples_in_epoch // world
-            micro_left = micro_per_epoch - start // micro
-            if micro_left < accum:
-                epoch, samples_in_epoch = epoch + 1, 0
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train to `train.steps` or to an agreed stop; the last step is always checkpointed."""
+        try:
+            self.loop()
+            self.report_end()
+        except BaseException as exc:
+            _clear_own_frames(exc.__traceback__)
+            raise
+        finally:
+            self.metrics.close()
+            # Drop DDP (its Reducer holds the process group) and in-flight work now, also when
+            # an exception's traceback keeps this object alive: a gloo group destroyed later
+            # from a Reducer's destructor can deadlock on the GIL with its own worker threads.
+            del self.ddp, self.control
+        return self.result()
+
+    def loop(self) -> None:
+        """Epochs of steps; an epoch ends when fewer micro batches are left than a step needs."""
+        train = self.train
+        while self.step < train.steps and not self.stopping:
+            start = self.samples_in_epoch // self.world
+            micro_left = self.micro_per_epoch - start // self.micro
+            if micro_left < self.accum:
+                self.epoch, self.samples_in_epoch = self.epoch + 1, 0
                 continue
-            sampler.set_epoch(epoch)
-            sampler.set_start(start)
-            # Worker seeds depend on (seed, rank, epoch) only, never on the global RNG.
-            generator.manual_seed(rank_seed(train.seed, rank, epoch))
-            batches = iter(loader)
-            while step < train.steps and micro_left >= accum and not stopping:
-                t0 = time.perf_counter()
-                control.maybe_post(stop.requested)
-                total: torch.Tensor | None = None
-                for i in range(accum):
-                    batch = next(batches)
-                    if device.type != "cpu":
-                        batch = to_device(batch, device, non_blocking)
-                    sync = ddp.no_sync() if ctx.distributed and i < accum - 1 else None
-                    with sync or contextlib.nullcontext():
-                        with autocast(train.precision, device):
-                            if train.batch_as_kwargs and isinstance(batch, Mapping):
-                                out = ddp(**batch)
-                            else:
-                                out = ddp(batch)
-                            loss = models.loss_of(out)
-                        # Mean over the micro batches; no extra graph node without accumulation.
-                        scaled = loss.float() / accum if accum > 1 else loss.float()
-                        if scaler is not None:
-                            scaler.scale(scaled).backward()
-                        else:
-                            scaled.backward()
-                    part = loss.detach().float()
-                    total = part if total is None else total + part
-                if train.grad_clip is not None:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                micro_left -= accum
-                samples_in_epoch += train.global_batch_size
-                flagged, done = control.finish()
-                dt = time.perf_counter() - t0
-                if step > 1 or resumed_from is not None:
-                    run_samples += train.global_batch_size
-                    run_time += dt
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": lr,
-                    "samples_per_s": train.global_batch_size / dt,
-                    "step_time_s": dt,
-                    "time": round(time.time(), 3),
-                }
-                control.add(record, total / accum if accum > 1 else total)
-                emit(done)
-                stopping = flagged if ctx.distributed else stop.requested
-                if stopping or step % train.checkpoint_every == 0 or step == train.steps:
-                    flagged, done = control.flush(stop.requested)
-                    emit(done)
-                    # Every rank sees the same reduced flag: stopping stays agreed.
-                    stopping = stopping or (flagged if ctx.distributed else stop.requested)
-                    last_path = save_checkpoint()
-            if micro_left < accum and not stopping:
-                epoch, samples_in_epoch = epoch + 1, 0
-        if stopping:
-            if ctx.distributed:
-                tdist.barrier(group=ctx.control)  # nobody exits before the checkpoint is in place
-            log.info(
-                "stopped by %s after step %d; checkpoint %s",
-                stop.name or "another rank",
-                step,
-                last_path,
+            batches = self.epoch_batches(start)
+            while self.step < train.steps and micro_left >= self.accum and not self.stopping:
+                self.train_step(batches)
+                micro_left -= self.accum
+            if micro_left < self.accum and not self.stopping:
+                self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+
+    def epoch_batches(self, start: int) -> Iterator[Any]:
+        """This epoch's micro batches from this rank's `start` sample on (a resume mid-epoch)."""
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_start(start)
+        # Worker seeds depend on (seed, rank, epoch) only, never on the global RNG.
+        self.generator.manual_seed(rank_seed(self.train.seed, self.rank, self.epoch))
+        return iter(self.loader)
+
+    def train_step(self, batches: Iterator[Any]) -> None:
+        """One optimizer step, the control exchange around it, and a checkpoint when due."""
+        t0 = time.perf_counter()
+        self.control.maybe_post(self.stop.requested)
+        loss = self.forward_backward(batches)
+        lr = self.optimizer_step()
+        self.step += 1
+        self.samples_in_epoch += self.train.global_batch_size
+        flagged, done = self.control.finish()
+        self.record(lr, loss, time.perf_counter() - t0)
+        self.emit(done)
+        self.stopping = flagged if self.ctx.distributed else self.stop.requested
+        if (
+            self.stopping
+            or self.step % self.train.checkpoint_every == 0
+            or self.step == self.train.steps
+        ):
+            flagged, done = self.control.flush(self.stop.requested)
+            self.emit(done)
+            # Every rank sees the same reduced flag: stopping stays agreed.
+            self.stopping = self.stopping or (
+                flagged if self.ctx.distributed else self.stop.requested
             )
-            metrics.event(
-                "stop", step=step, signal=stop.name or "another rank", checkpoint=str(last_path)
+            self.last_path = self.save()
+
+    def forward_backward(self, batches: Iterator[Any]) -> torch.Tensor:
+        """`accum` micro batches forward and backward; their mean loss, detached."""
+        total = self.micro_step(next(batches), 0)
+        for i in range(1, self.accum):
+            total = total + self.micro_step(next(batches), i)
+        return total / self.accum if self.accum > 1 else total
+
+    def micro_step(self, batch: Any, i: int) -> torch.Tensor:
+        """Forward and backward of micro batch `i`; gradients sync only on the last one."""
+        if self.device.type != "cpu":
+            batch = to_device(batch, self.device, self.non_blocking)
+        last = i == self.accum - 1
+        ddp = cast(DistributedDataParallel, self.ddp)
+        with ddp.no_sync() if self.ctx.distributed and not last else contextlib.nullcontext():
+            with autocast(self.train.precision, self.device):
+                if self.train.batch_as_kwargs and isinstance(batch, Mapping):
+                    out = self.ddp(**batch)
+                else:
+                    out = self.ddp(batch)
+                loss = models.loss_of(out)
+            # Mean over the micro batches; no extra graph node without accumulation.
+            scaled = loss.float() / self.accum if self.accum > 1 else loss.float()
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        return loss.detach().float()
+
+    def optimizer_step(self) -> float:
+        """Clip, step (through the fp16 scaler), advance the schedule; the step's LR."""
+        if self.train.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    # --- metrics -------------------------------------------------------------------------
+
+    def record(self, lr: float, loss: torch.Tensor, dt: float) -> None:
+        """Queue this step's record; its loss leaves the device with the next exchange."""
+        batch = self.train.global_batch_size
+        if self.step > 1 or self.resumed_from is not None:  # step 1 pays the warm-up
+            self.run_samples += batch
+            self.run_time += dt
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr": lr,
+            "samples_per_s": batch / dt,
+            "step_time_s": dt,
+            "time": round(time.time(), 3),
+        }
+        self.control.add(record, loss)
+
+    def emit(self, done: list[tuple[dict[str, Any], float]]) -> None:
+        """Log and write the steps whose all-reduced losses just arrived."""
+        for record, loss in done:
+            record["loss"] = self.last_loss = loss
+            if self.ctx.is_main:
+                self.log_step(record, loss)
+        self.metrics.write(*(record for record, _ in done))
+
+    def log_step(self, record: dict[str, Any], loss: float) -> None:
+        """Rank 0: every `log_every` steps (and the first) a line; a warning for inf/nan."""
+        if not math.isfinite(loss) and self.scaler is None:
+            self.log.warning("step %d: loss is %s", record["step"], loss)
+        if record["step"] % self.train.log_every == 0 or record["step"] == 1:
+            self.log.info(
+                "step %d/%d loss %.4f lr %.3g %.0f samples/s",
+                record["step"],
+                self.train.steps,
+                loss,
+                record["lr"],
+                record["samples_per_s"],
+            )
+
+    def announce(self) -> None:
+        """The run's shape in the log, and a start (or resume) event in metrics.jsonl."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        if self.ctx.is_main:
+            self.log.info(
+                "%s: %.2fM parameters, %d ranks x micro batch %d x %d accumulation = %d per "
+                "step, %s, loader %s",
+                self.built.description,
+                n_params / 1e6,
+                self.world,
+                self.micro,
+                self.accum,
+                self.train.global_batch_size,
+                self.train.precision,
+                {
+                    k: getattr(self.picks, k)
+                    for k in ("num_workers", "pin_memory", "prefetch_factor")
+                },
+            )
+            if self.wrapped:
+                self.log.info("activation checkpointing on %s", ", ".join(self.wrapped))
+        if self.resumed_from is not None:
+            if self.ctx.is_main:
+                self.log.info(
+                    "resuming from %s (step %d, epoch %d)", self.resumed_from, self.step, self.epoch
+                )
+            self.metrics.event(
+                "resume", step=self.step, epoch=self.epoch, checkpoint=str(self.resumed_from)
             )
         else:
-            metrics.event("end", step=step, loss=last_loss)
-    finally:
-        metrics.close()
-        # Drop DDP (its Reducer holds the process group) and in-flight work now, also when
-        # an exception's traceback keeps this frame alive: a gloo group destroyed later from
-        # a Reducer's destructor can deadlock on the GIL with its own worker threads.
-        ddp = control = batches = out = loss = scaled = None  # noqa: F841
-    return TrainResult(
-        steps_done=step,
-        final_loss=last_loss,
-        preempted=stopping and step < train.steps,
-        checkpoint=last_path,
-        resumed_from=resumed_from,
-        world_size=world,
-        samples_per_s=(run_samples / run_time) if run_time > 0 else None,
-        signal=stop.name,
-    )
+            self.metrics.event(
+                "start",
+                world_size=self.world,
+                micro_batch_size=self.micro,
+                accumulation=self.accum,
+                parameters=n_params,
+                train=to_dict(self.train),
+            )
+
+    def report_end(self) -> None:
+        """An end event, or after a stop: wait for every rank, then log and record the stop."""
+        if not self.stopping:
+            self.metrics.event("end", step=self.step, loss=self.last_loss)
+            return
+        if self.ctx.distributed:
+            # Nobody exits before the checkpoint is in place.
+            tdist.barrier(group=_control_group(self.ctx))
+        by = self.stop.name or "another rank"
+        self.log.info("stopped by %s after step %d; checkpoint %s", by, self.step, self.last_path)
+        self.metrics.event("stop", step=self.step, signal=by, checkpoint=str(self.last_path))
+
+    def result(self) -> TrainResult:
+        """How this call ended, from the loop state."""
+        return TrainResult(
+            steps_done=self.step,
+            final_loss=self.last_loss,
+            preempted=self.stopping and self.step < self.train.steps,
+            checkpoint=self.last_path,
+            resumed_from=self.resumed_from,
+            world_size=self.world,
+            samples_per_s=(self.run_samples / self.run_time) if self.run_time > 0 else None,
+            signal=self.stop.name,
+        )
+
+
+def _clear_own_frames(tb: TracebackType | None) -> None:
+    """Clear the locals (DDP outputs, the batch iterator) of this module's finished frames in
+    a traceback, as the GIL note in `_Trainer.run` needs; frames still running are skipped."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == __file__:
+            with contextlib.suppress(RuntimeError):
+                tb.tb_frame.clear()
+        tb = tb.tb_next
+
+
+def _control_group(ctx: dist.DistContext) -> tdist.ProcessGroup | None:
+    """The gloo side group, typed (DistContext keeps it as an object)."""
+    return cast("tdist.ProcessGroup | None", ctx.control)
 
 
 def run_from_environ(environ: Mapping[str, str] | None = None) -> TrainResult:
