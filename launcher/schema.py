@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -17,6 +18,8 @@ from typing import Any, Literal, Union
 from launcher.errors import ConfigError
 
 MISSING = dataclasses.MISSING
+# How NaN and infinity are spelled in overrides and YAML strings (`lr=nan`, `lr=inf`).
+_NON_FINITE = ("nan", "inf", "infinity")
 
 
 @functools.cache
@@ -106,7 +109,7 @@ def convert(tp: Any, value: Any, *, file: str | None, key: str) -> Any:
         raise ConfigError(
             f"expected {describe(tp)}, got {_show(value)}", file=file, key=key, hint=hint
         )
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad()
         return build(tp, value, file=file, prefix=f"{key}.")
@@ -135,7 +138,17 @@ def convert(tp: Any, value: Any, *, file: str | None, key: str) -> Any:
         raise bad()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and value.bit_length() > 1000:  # float() would overflow
+                raise ConfigError(
+                    f"found an integer of {value.bit_length()} bits; expected a number",
+                    file=file,
+                    key=key,
+                )
+            if not math.isfinite(value):
+                raise ConfigError(f"found {value!r}; expected a finite number", file=file, key=key)
             return float(value)
+        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in _NON_FINITE:
+            raise ConfigError(f"found {value!r}; expected a finite number", file=file, key=key)
         raise bad()
     if tp is str:
         # Numbers are accepted for strings (YAML reads `partition: 4` as an int).
@@ -225,11 +238,11 @@ def _without_none(tp: Any) -> Any:
 
 
 def _dataclass_in(tp: Any) -> type | None:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
     if typing.get_origin(tp) in (Union, types.UnionType):
         for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
                 return arg
     return None
 
