@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launcher import config, runs
 from launcher.backends.base import Backend, Plan
 from launcher.spec import JobSpec
@@ -87,10 +85,7 @@ def load_config(path: str, overrides: list[str]) -> config.Loaded:
         key, sep, text = item.partition("=")
         key = key.strip()
         if sep and (key == "sweep" or key.startswith("sweep.")):
-            try:
-                value = yaml.safe_load(text) if text else None
-            except yaml.YAMLError:
-                value = text
+            value = config.parse_value(text, key=key) if text else None
             if key == "sweep":
                 raw["sweep"] = value
             else:
