@@ -514,6 +514,51 @@ def test_drive_folder_through_gdown(drive, tmp_path):
     assert got == {name: data for name, data in FOLDER_FILES.values()}
 
 
+def test_names_drive_gives_stay_inside_the_cache(drive, tmp_path):
+    """Drive's names are outside input too: gdown 6 turns '/' into '_', and launcher's own
+    check refuses what gdown lets through on Linux (a control character)."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"mine")
+    climb = "..%2F" * 5 + "victim"  # gdown percent-decodes Content-Disposition
+    drive.routes[f"drive:/uc?id={DRIVE_FILE_ID}"] = Route(b"from drive", filename=climb)
+    spec = data_spec(tmp_path / "cache", {"name": "d", "gdrive": DRIVE_FILE_ID})
+    path = fetch_all(spec)["d"]
+    assert path == tmp_path / "cache" / "d" / ".._.._.._.._.._victim"
+    assert path.read_bytes() == b"from drive" and victim.read_bytes() == b"mine"
+
+    drive.routes[f"drive:/uc?id={DRIVE_FLAKY_ID}"] = Route(b"x", filename="red%1B[31m.bin")
+    spec = data_spec(tmp_path / "cache", {"name": "e", "gdrive": DRIVE_FLAKY_ID})
+    with pytest.raises(DataError) as info:
+        fetch_all(spec)
+    assert str(info.value) == (
+        f"data.sources[0] (e): Google Drive file {DRIVE_FLAKY_ID}: Drive gave an unsafe file "
+        "name 'red\\x1b[31m.bin': it contains a control character; set 'filename:' to name "
+        "the file"
+    )
+    assert leftovers(tmp_path / "cache") == [".launcher/d.json", "d/.._.._.._.._.._victim"]
+
+
+def test_drive_folder_entry_with_a_control_character_is_refused(drive, tmp_path):
+    fid = next(iter(FOLDER_FILES))
+    page = (
+        "<html><head><title>my-set</title></head><body>"
+        f'<a href="https://drive.google.com/file/d/{fid}/view?usp=drive_web">bad\x1b[2Jname</a>'
+        "</body></html>"
+    )
+    drive.routes[f"drive:/embeddedfolderview?id={DRIVE_FOLDER_ID}"] = Route(
+        page.encode(), content_type="text/html"
+    )
+    link = f"https://drive.google.com/drive/folders/{DRIVE_FOLDER_ID}"
+    with pytest.raises(DataError) as info:
+        fetch_all(data_spec(tmp_path / "cache", {"name": "folder", "gdrive": link}))
+    assert str(info.value) == (
+        f"data.sources[0] (folder): Google Drive folder {DRIVE_FOLDER_ID}: unsafe file name "
+        "in the folder: 'bad\\x1b[2Jname': it contains a control character"
+    )
+    assert drive.hits.count(f"drive:/uc?id={fid}") == 0  # refused before any download
+    assert leftovers(tmp_path / "cache") == []
+
+
 # --- config validation and the CLI --------------------------------------------------------
 
 

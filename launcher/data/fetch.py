@@ -20,16 +20,24 @@ import json
 import os
 import random
 import shutil
-import tarfile
+import stat
 import time
-import urllib.parse
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from launcher.data import archive
+from launcher.data.paths import (
+    UnsafeName,
+    check_name,
+    file_kind,
+    open_regular,
+    safe_join,
+    safe_parts,
+    shown,
+    url_filename,
+)
 from launcher.errors import DataError
 from launcher.runs import atomic_write_json, fsync_dir
 from launcher.spec import DataSourceSpec, DataSpec
@@ -41,6 +49,8 @@ CHUNK = 1 << 20
 # read in progress, so this bounds what a resume has to fetch again.
 NET_CHUNK = 64 << 10
 MAX_BACKOFF_S = 60.0
+# A source's name names files in the cache with suffixes (".json", ".lock"): room for them.
+MAX_SOURCE_NAME_BYTES = 200
 # Drive's quota page says "Too many users have viewed or downloaded this file recently".
 QUOTA_TEXT = "too many users have viewed or downloaded"
 QUOTA_MESSAGE = (
@@ -186,6 +196,24 @@ def _fingerprint(src: DataSourceSpec, where: str) -> dict[str, Any]:
     }
 
 
+def _check_source_name(src: DataSourceSpec, key: str) -> None:
+    """The schema's pattern already holds for a config; this holds for any DataSourceSpec."""
+    try:
+        check_name(src.name, max_bytes=MAX_SOURCE_NAME_BYTES)
+        if src.name.startswith("."):
+            raise UnsafeName(f"it starts with '.' (the cache keeps its own {META} there)")
+    except UnsafeName as exc:
+        raise DataError(f"{key}.name: {shown(src.name)} cannot name a cache entry: {exc}") from None
+
+
+def _join(folder: Path, name: str, key: str) -> Path:
+    """paths.safe_join, refusing with a one-line DataError that names the config key."""
+    try:
+        return safe_join(folder, name)
+    except UnsafeName as exc:
+        raise DataError(f"{key}: unsafe file name {shown(name)}: {exc}") from None
+
+
 def _meta_dir(cache: Path) -> Path:
     meta = cache / META
     try:
@@ -206,14 +234,17 @@ def _fetch_one(
     sleep: Callable[[float], None],
 ) -> FetchResult:
     start = time.monotonic()
+    _check_source_name(src, key)
     label = f"{key} ({src.name})"
     if src.path:
-        return _fetch_local(src, data, cache=cache, base=base, label=label, rep=rep, start=start)
+        return _fetch_local(
+            src, data, cache=cache, base=base, key=key, label=label, rep=rep, start=start
+        )
     meta = _meta_dir(cache)
     kind, ident = _origin(src)
     fingerprint = _fingerprint(src, f"gdrive:{ident}" if kind == "gdrive" else str(ident))
-    marker = meta / f"{src.name}.json"
-    with _locked(meta / f"{src.name}.lock", src.name, rep):
+    marker = _join(meta, f"{src.name}.json", f"{key}.name")
+    with _locked(_join(meta, f"{src.name}.lock", f"{key}.name"), src.name, rep):
         hit = _valid_marker(marker, fingerprint, rehash=data.rehash)
         if hit is not None:
             rep.note(f"{src.name}: cached at {hit}")
@@ -221,9 +252,9 @@ def _fetch_one(
         # Anything there now is stale or unverified: it goes before the download starts,
         # so a failure below leaves nothing behind that looks complete.
         marker.unlink(missing_ok=True)
-        entry = cache / src.name
+        entry = _join(cache, src.name, f"{key}.name")
         _remove(entry, meta)
-        staging = meta / "staging" / src.name
+        staging = _join(meta / "staging", src.name, f"{key}.name")
         _remove(staging, meta)
         staging.mkdir(parents=True)
         try:
@@ -241,11 +272,11 @@ def _fetch_one(
                 digests = _check_digests(file, src, label, what)
                 content = staging / "entry"
                 if src.extract:
-                    _extract(file, content, label)
+                    archive.extract(file, content, label)
                     file.unlink()
                 else:
                     content.mkdir()
-                    file = file.rename(content / file.name)
+                    file = file.rename(_join(content, file.name, label))
             fsync_dir(content)
             os.rename(content, entry)
             fsync_dir(cache)
@@ -265,6 +296,7 @@ def _fetch_local(
     *,
     cache: Path,
     base: Path,
+    key: str,
     label: str,
     rep: _Reporter,
     start: float,
@@ -274,30 +306,34 @@ def _fetch_local(
         raise DataError(f"{label}.path: {path} does not exist")
     if not (src.sha256 or src.md5 or src.extract):
         return FetchResult(src.name, path, "local", _size(path), time.monotonic() - start)
-    if not path.is_file():
-        raise DataError(f"{label}.path: {path} is a folder; a checksum or 'extract' needs a file")
-    stat = path.stat()
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        # Never opened: a FIFO would block, a device like /dev/zero never ends.
+        raise DataError(
+            f"{label}.path: {path} is {file_kind(info.st_mode)}; a checksum or 'extract' "
+            "needs a regular file"
+        )
     fingerprint = _fingerprint(src, str(path)) | {
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "size": info.st_size,
+        "mtime_ns": info.st_mtime_ns,
     }
     meta = _meta_dir(cache)
-    marker = meta / f"{src.name}.json"
-    with _locked(meta / f"{src.name}.lock", src.name, rep):
+    marker = _join(meta, f"{src.name}.json", f"{key}.name")
+    with _locked(_join(meta, f"{src.name}.lock", f"{key}.name"), src.name, rep):
         hit = _valid_marker(marker, fingerprint, rehash=data.rehash)
         if hit is not None:
             return FetchResult(src.name, hit, "cached", _size(hit), time.monotonic() - start)
         marker.unlink(missing_ok=True)
-        entry = cache / src.name
+        entry = _join(cache, src.name, f"{key}.name")
         if src.extract:
             _remove(entry, meta)
         digests = _check_digests(path, src, label, str(path))
         result = path
         if src.extract:
-            staging = meta / "staging" / src.name
+            staging = _join(meta / "staging", src.name, f"{key}.name")
             _remove(staging, meta)
             try:
-                _extract(path, staging, label)
+                archive.extract(path, staging, label)
                 fsync_dir(staging)
                 os.rename(staging, entry)
                 fsync_dir(cache)
@@ -341,17 +377,29 @@ def _valid_marker(marker: Path, fingerprint: dict[str, Any], *, rehash: bool) ->
         return None
     if record.get("version") != MARKER_VERSION or record.get("fingerprint") != fingerprint:
         return None
-    result = marker.parent.parent / record["result"]  # an absolute path stays as it is
+    raw = record.get("result")
+    if not isinstance(raw, str):
+        return None
+    cache = marker.parent.parent
+    if os.path.isabs(raw):  # a local source's own path
+        result = Path(raw)
+    else:
+        try:
+            result = safe_join(cache, *safe_parts(raw))
+        except UnsafeName:
+            return None  # a marker pointing out of the cache is not ours: fetch again
     if record.get("kind") == "dir":
         return result if result.is_dir() else None
     try:
-        stat = result.stat()
+        info = result.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size != record.get("size") or info.st_mtime_ns != record.get("mtime_ns"):
+            return None
+        want = record.get("digests") or {}
+        if rehash and want and _hash_file(result, tuple(want)) != want:
+            return None
     except OSError:
-        return None
-    if stat.st_size != record.get("size") or stat.st_mtime_ns != record.get("mtime_ns"):
-        return None
-    want = record.get("digests") or {}
-    if rehash and want and _hash_file(result, tuple(want)) != want:
         return None
     return result
 
@@ -377,7 +425,7 @@ def _remove(path: Path, meta: Path) -> None:
     """Move out of the way with one rename, then delete: never a half-deleted tree in place."""
     if not path.exists() and not path.is_symlink():
         return
-    trash = meta / "trash" / f"{path.name}.{os.getpid()}.{time.time_ns()}"
+    trash = meta / "trash" / f"{path.name[:64]}.{os.getpid()}.{time.time_ns()}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     os.rename(path, trash)
     if trash.is_dir() and not trash.is_symlink():
@@ -410,7 +458,7 @@ def _human(n: float) -> str:
 
 def _hash_file(path: Path, algorithms: tuple[str, ...]) -> dict[str, str]:
     hashers = {a: hashlib.new(a) for a in algorithms}
-    with open(path, "rb") as fh:
+    with open_regular(path.resolve()) as fh:
         while block := fh.read(CHUNK):
             for h in hashers.values():
                 h.update(block)
@@ -474,13 +522,17 @@ def _download_file(
 ) -> Path:
     what = _describe(src)
     if kind == "gdrive":
-        output = dest / src.filename if src.filename else dest
+        output = _join(dest, src.filename, f"{label}.filename") if src.filename else dest
 
         def attempt(n: int, update: Update) -> Path:
-            return _gdrive_attempt(ident, output, data.timeout_s, resume=n > 0, update=update)
+            got = _gdrive_attempt(ident, output, data.timeout_s, resume=n > 0, update=update)
+            return _drive_named(got, output, "; set 'filename:' to name the file")
 
     else:
-        part = dest / (src.filename or _url_filename(ident))
+        if src.filename:
+            part = _join(dest, src.filename, f"{label}.filename")
+        else:
+            part = _join(dest, _url_name(ident, label), f"{label}.url")
         state = _HttpState()
 
         def attempt(n: int, update: Update) -> Path:
@@ -492,17 +544,38 @@ def _download_file(
     return path
 
 
-def _url_filename(url: str) -> str:
-    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    name = name.replace("\x00", "").strip()
-    return name if name not in ("", ".", "..") else "download"
+def _url_name(url: str, label: str) -> str:
+    """The URL's decoded last part, checked before anything is downloaded."""
+    try:
+        return url_filename(url)
+    except UnsafeName as exc:
+        raise DataError(
+            f"{label}.url: the URL ends in an unsafe file name, {exc}; "
+            "set 'filename:' to name the file"
+        ) from None
+
+
+def _drive_named(got: Path, output: Path, hint: str = "") -> Path:
+    """gdown names a file from Drive's answer: hold it to one safe name inside output.
+
+    gdown 6 sanitizes that name itself; this check is ours, so a gdown that stops doing so
+    (or a name it misses) is refused rather than trusted.
+    """
+    if got == output:
+        return got
+    try:
+        if got.parent != output:
+            raise UnsafeName(f"it is not in {output}")
+        return safe_join(output, got.name)
+    except UnsafeName as exc:
+        raise FatalError(f"Drive gave an unsafe file name {shown(got.name)}: {exc}{hint}") from None
 
 
 def _is_quota_page(path: Path) -> bool:
     """Drive's quota page served where a file was expected (e.g. a usercontent link)."""
     if not path.is_file() or path.stat().st_size > (4 << 20):
         return False
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         head = fh.read(1 << 20)
     if b"<html" not in head[:4096].lower() and b"<!doctype html" not in head[:4096].lower():
         return False
@@ -513,6 +586,33 @@ def _is_quota_page(path: Path) -> bool:
 def _short(exc: BaseException, limit: int = 240) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _transport_errors(hint: str = "") -> Iterator[None]:
+    """requests' exceptions, for both http and Drive, as RetryableError or FatalError.
+
+    The one translator (httpx's map_httpcore_exceptions shape): a dropped connection, a
+    timeout, a cut body or HTTP 5xx/429 is worth another try; anything else is not. hint
+    follows a fatal HTTP error (what to check on Drive's side).
+    """
+    import requests
+
+    try:
+        yield
+    except requests.exceptions.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        if code == 429 or code >= 500:
+            raise RetryableError(_short(exc)) from None
+        raise FatalError(_short(exc) + (f" ({hint})" if hint else "")) from None
+    except (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+    ) as exc:
+        raise RetryableError(_short(exc)) from None
+    except requests.exceptions.RequestException as exc:
+        raise FatalError(_short(exc)) from None
 
 
 @dataclass
@@ -550,7 +650,10 @@ def _http_attempt(
             # A file changed on the server must not be spliced onto the old bytes.
             headers["If-Range"] = state.validator
     try:
-        with requests.get(url, headers=headers, stream=True, timeout=timeout_s) as res:
+        with (
+            _transport_errors(),
+            requests.get(url, headers=headers, stream=True, timeout=timeout_s) as res,
+        ):
             code = res.status_code
             if code == 429 or code >= 500:
                 raise RetryableError(f"HTTP {code} {res.reason}")
@@ -578,15 +681,7 @@ def _http_attempt(
                     update(state.received, state.total)
                 fh.flush()
                 os.fsync(fh.fileno())
-    except (
-        requests.exceptions.ConnectionError,
-        requests.exceptions.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-    ) as exc:
-        raise RetryableError(_short(exc)) from None
-    except requests.exceptions.RequestException as exc:
-        raise FatalError(_short(exc)) from None
-    except OSError as exc:
+    except OSError as exc:  # requests' own errors are OSErrors too, but are translated above
         raise FatalError(f"cannot write {part}: {exc.strerror or exc}") from None
     if state.total is not None and state.received != state.total:
         if state.received > state.total:
@@ -612,7 +707,6 @@ def _gdrive_attempt(
 ) -> Path:
     """One gdown download of a Drive file; output is a folder (Drive names the file) or a file."""
     import gdown
-    import requests
 
     kwargs = _gdown_kwargs(
         gdown.download,
@@ -624,38 +718,25 @@ def _gdrive_attempt(
     )
     target = str(output) if not output.is_dir() else str(output) + os.sep
     refused, failed = _gdown_errors(gdown)
-    try:
-        return Path(gdown.download(id=file_id, output=target, **kwargs))
-    except refused as exc:
-        text = _short(exc, 100_000)
-        if QUOTA_TEXT in text.lower():
-            raise FatalError(QUOTA_MESSAGE) from None
-        raise FatalError(
-            "Google Drive did not hand out the file (is it shared as 'Anyone with the link'?): "
-            + _short(exc)
-        ) from None
-    except failed as exc:
-        if "byte range" in str(exc):
-            # The server would not resume: drop the partial file so the next try starts over.
-            folder = output if output.is_dir() else output.parent
-            for stale in folder.glob("*.part"):
-                stale.unlink(missing_ok=True)
-        raise RetryableError(_short(exc)) from None
-    except requests.exceptions.HTTPError as exc:
-        code = exc.response.status_code if exc.response is not None else 0
-        if code == 429 or code >= 500:
+    hint = "is the id right and the file shared as 'Anyone with the link'?"
+    with _transport_errors(hint):
+        try:
+            return Path(gdown.download(id=file_id, output=target, **kwargs))
+        except refused as exc:
+            text = _short(exc, 100_000)
+            if QUOTA_TEXT in text.lower():
+                raise FatalError(QUOTA_MESSAGE) from None
+            raise FatalError(
+                "Google Drive did not hand out the file (is it shared as 'Anyone with the "
+                "link'?): " + _short(exc)
+            ) from None
+        except failed as exc:
+            if "byte range" in str(exc):
+                # The server would not resume: drop the partial file so the next try starts over.
+                folder = output if output.is_dir() else output.parent
+                for stale in folder.glob("*.part"):
+                    stale.unlink(missing_ok=True)
             raise RetryableError(_short(exc)) from None
-        raise FatalError(
-            f"{_short(exc)} (is the id right and the file shared as 'Anyone with the link'?)"
-        ) from None
-    except (
-        requests.exceptions.ConnectionError,
-        requests.exceptions.Timeout,
-        requests.exceptions.ChunkedEncodingError,
-    ) as exc:
-        raise RetryableError(_short(exc)) from None
-    except requests.exceptions.RequestException as exc:
-        raise FatalError(_short(exc)) from None
 
 
 def _download_drive_folder(
@@ -668,7 +749,6 @@ def _download_drive_folder(
 ) -> Path:
     """List the folder through gdown, then fetch file by file (each with its own retries)."""
     import gdown
-    import requests
 
     what = f"Google Drive folder {folder_id}"
 
@@ -681,30 +761,41 @@ def _download_drive_folder(
             timeout=data.timeout_s,
         )
         refused, failed = _gdown_errors(gdown)
-        try:
-            return list(gdown.download_folder(id=folder_id, output=str(root), **kwargs) or [])
-        except refused as exc:
-            if QUOTA_TEXT in _short(exc, 100_000).lower():
-                raise FatalError(QUOTA_MESSAGE) from None
-            raise FatalError(_short(exc)) from None
-        except failed as exc:
-            raise FatalError(
-                f"{_short(exc)} (is the folder shared as 'Anyone with the link'?)"
-            ) from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise RetryableError(_short(exc)) from None
+        with _transport_errors("is the folder shared as 'Anyone with the link'?"):
+            try:
+                return list(gdown.download_folder(id=folder_id, output=str(root), **kwargs) or [])
+            except refused as exc:
+                if QUOTA_TEXT in _short(exc, 100_000).lower():
+                    raise FatalError(QUOTA_MESSAGE) from None
+                raise FatalError(_short(exc)) from None
+            except failed as exc:
+                raise FatalError(
+                    f"{_short(exc)} (is the folder shared as 'Anyone with the link'?)"
+                ) from None
 
     items = _with_retries(listing, data=data, label=label, what=what, rep=rep, sleep=sleep)
     root.mkdir(parents=True, exist_ok=True)
-    top = root.resolve()
+    seen: set[Path] = set()
     for item in items:
-        target = Path(item.local_path)
-        if not target.resolve().is_relative_to(top):
-            raise DataError(f"{label}: {what}: unsafe file name in the folder: {item.path!r}")
+        # Drive's names, not gdown's local_path: every component checked, the whole proved
+        # to stay under root.
+        try:
+            target = safe_join(root, *safe_parts(str(item.path).replace(os.sep, "/")))
+        except UnsafeName as exc:
+            raise DataError(
+                f"{label}: {what}: unsafe file name in the folder: {shown(str(item.path))}: {exc}"
+            ) from None
+        if target in seen:
+            raise DataError(
+                f"{label}: {what}: two files named {shown(str(item.path))} in the folder "
+                "(rename one on Drive)"
+            )
+        seen.add(target)
         target.parent.mkdir(parents=True, exist_ok=True)
 
         def attempt(n: int, update: Update, item_id: str = item.id, out: Path = target) -> Path:
-            return _gdrive_attempt(item_id, out, data.timeout_s, resume=n > 0, update=update)
+            got = _gdrive_attempt(item_id, out, data.timeout_s, resume=n > 0, update=update)
+            return _drive_named(got, out)
 
         path = _with_retries(
             attempt, data=data, label=label, what=f"{what}: {item.path}", rep=rep, sleep=sleep
@@ -712,46 +803,3 @@ def _download_drive_folder(
         if _is_quota_page(path):
             raise DataError(f"{label}: {what}: {item.path}: {QUOTA_MESSAGE}")
     return root
-
-
-# --- archives -----------------------------------------------------------------------------
-
-
-def _extract(archive: Path, dest: Path, label: str) -> None:
-    """Unpack a zip or tar.* into dest; members that would land outside dest are refused."""
-    dest.mkdir(parents=True)
-    top = dest.resolve()
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                for name in zf.namelist():
-                    target = (dest / name).resolve()
-                    if name.startswith("/") or not target.is_relative_to(top):
-                        raise FatalError(f"unsafe path in the archive: {name!r}")
-                zf.extractall(dest)
-        elif tarfile.is_tarfile(archive):
-            with tarfile.open(archive) as tf:
-                if hasattr(tarfile, "data_filter"):
-                    # Python >= 3.10.12/3.11.4: refuses absolute paths, '..', links
-                    # pointing outside, and device files.
-                    tf.extractall(dest, filter="data")
-                else:  # pragma: no cover - older Pythons
-                    for member in tf.getmembers():
-                        target = (dest / member.name).resolve()
-                        if (
-                            not target.is_relative_to(top)
-                            or member.issym()
-                            or member.islnk()
-                            or member.isdev()
-                        ):
-                            raise FatalError(f"unsafe member in the archive: {member.name!r}")
-                    tf.extractall(dest)
-        else:
-            raise DataError(
-                f"{label}.extract: {archive.name} is not a zip or tar archive "
-                "(set extract: false to keep the file as it is)"
-            )
-    except FatalError as exc:
-        raise DataError(f"{label}.extract: {archive.name}: {exc}") from None
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
-        raise DataError(f"{label}.extract: cannot unpack {archive.name}: {_short(exc)}") from None

@@ -8,6 +8,10 @@ hide among millions. Checks per file, in a process pool across the usable CPUs:
   sizes against their header, .json parsed: these catch truncation in those formats;
 - with a manifest: sha256 against it, plus files missing from or not listed in it.
 
+Only regular files are opened. A FIFO, socket or device, and a symlink that leads out of the
+folder, is one BAD line and is never opened (a FIFO blocks the reader; /dev/zero never ends);
+a symlink to a folder inside is skipped, its files being checked where they really are.
+
 The manifest is sha256sum's format (`<sha256>  <path>`), so `sha256sum -c SHA256SUMS` in the
 folder checks it too.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -24,12 +29,16 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+from launcher.data.paths import NotRegular, UnsafeName, file_kind, open_regular, safe_parts, shown
 from launcher.errors import DataError
 from launcher.runs import atomic_write_text
 
 MANIFEST_NAME = "SHA256SUMS"
 CHUNK = 1 << 20
+# A manifest line names a file that exists, so PATH_MAX is the only length rule.
+MAX_MANIFEST_PATH_BYTES = 4096
 # Loading EPS needs Ghostscript; a missing tool is not a corrupt file.
 SKIP_IMAGE_FORMATS = {"EPS"}
 
@@ -103,10 +112,14 @@ def write_manifest(path: Path, hashes: dict[str, str]) -> None:
 
 
 def read_manifest(path: Path) -> dict[str, str]:
+    """path -> sha256; names are normalized ('./a//b' is 'a/b') and kept inside the folder."""
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        with open_regular(Path(path).resolve()) as fh:
+            text = fh.read().decode("utf-8", errors="surrogateescape")
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found") from None
+    except NotRegular as exc:
+        raise DataError(f"{path}: the manifest must be a regular file: {exc}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from None
     out: dict[str, str] = {}
@@ -122,7 +135,14 @@ def read_manifest(path: Path) -> dict[str, str]:
         digest = digest.lower()
         if not sep or not name or len(digest) != 64 or not _is_hex(digest):
             raise DataError(f"{path}:{lineno}: expected '<64 hex digits>  <path>', got {line!r}")
-        out[_unescape(name) if flagged else name] = digest
+        name = _unescape(name) if flagged else name
+        try:
+            parts = safe_parts(name, posix=True, max_bytes=MAX_MANIFEST_PATH_BYTES)
+        except UnsafeName as exc:
+            raise DataError(
+                f"{path}:{lineno}: expected a path inside the folder, got {shown(name)}: {exc}"
+            ) from None
+        out["/".join(parts)] = digest
     return out
 
 
@@ -151,14 +171,15 @@ def _image_exts() -> dict[str, str]:
     return _IMAGE_EXTS
 
 
-def _check_image(path: str) -> str | None:
+def _check_image(fh: BinaryIO) -> str | None:
     from PIL import Image, ImageSequence
 
     Image.MAX_IMAGE_PIXELS = None  # big generated images are data, not decompression bombs
     try:
-        with Image.open(path) as im:
+        with Image.open(fh) as im:
             im.verify()
-        with Image.open(path) as im:
+        fh.seek(0)
+        with Image.open(fh) as im:
             for frame in ImageSequence.Iterator(im):
                 frame.load()
     except Exception as exc:  # Pillow's decoders raise many types on bad input
@@ -166,61 +187,60 @@ def _check_image(path: str) -> str | None:
     return None
 
 
-def _read_to_end(opener: Callable[[str], object], path: str, kind: str) -> str | None:
+def _read_to_end(opener: Callable[[BinaryIO], BinaryIO], fh: BinaryIO, kind: str) -> str | None:
     import lzma
     import zlib
 
     try:
-        with opener(path) as fh:  # type: ignore[attr-defined]
-            while fh.read(CHUNK):
+        with opener(fh) as stream:
+            while stream.read(CHUNK):
                 pass
     except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
         return f"{kind} stream is truncated or corrupt: {exc}"
     return None
 
 
-def _check_zip(path: str) -> str | None:
+def _check_zip(fh: BinaryIO) -> str | None:
     import zipfile
     import zlib
 
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(fh) as zf:
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as exc:
         return f"zip is truncated or corrupt: {exc}"
     return f"zip member fails its CRC: {bad}" if bad else None
 
 
-def _check_tar(path: str) -> str | None:
+def _check_tar(fh: BinaryIO) -> str | None:
     import tarfile
 
     try:
-        with tarfile.open(path) as tf:
+        with tarfile.open(fileobj=fh) as tf:
             for member in tf:
                 if member.isfile():
-                    fh = tf.extractfile(member)
-                    if fh is not None:
-                        while fh.read(CHUNK):
+                    data = tf.extractfile(member)
+                    if data is not None:
+                        while data.read(CHUNK):
                             pass
     except (tarfile.TarError, OSError, EOFError) as exc:
         return f"tar is truncated or corrupt: {exc}"
     return None
 
 
-def _check_npy(path: str, size: int) -> str | None:
+def _check_npy(fh: BinaryIO, size: int) -> str | None:
     import numpy as np
 
     try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            readers = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }
-            if version not in readers:
-                return None
-            shape, _, dtype = readers[version](fh)
-            header_end = fh.tell()
+        version = np.lib.format.read_magic(fh)
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
+            return None
+        shape, _, dtype = readers[version](fh)
+        header_end = fh.tell()
     except (ValueError, OSError, EOFError) as exc:
         return f"npy header is corrupt: {exc}"
     if dtype.hasobject:
@@ -234,58 +254,84 @@ def _check_npy(path: str, size: int) -> str | None:
     return None
 
 
-def _check_json(path: str) -> str | None:
+def _check_json(fh: BinaryIO) -> str | None:
     import json
 
     try:
-        with open(path, "rb") as fh:
-            json.load(fh)
+        json.load(fh)
     except (ValueError, OSError) as exc:
         return f"json does not parse: {exc}"
     return None
 
 
-def _check_format(path: str, size: int) -> str | None:
+def _check_format(name: str, fh: BinaryIO, size: int) -> str | None:
+    """By the listed name's extension, on the file already open (never reopened by name)."""
     import bz2
     import gzip
     import lzma
 
-    lower = path.lower()
+    fh.seek(0)
+    lower = name.lower()
     ext = os.path.splitext(lower)[1]
     if ext in _image_exts():
-        return _check_image(path)
+        return _check_image(fh)
     if lower.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-        return _check_tar(path)
+        return _check_tar(fh)
     if ext in (".gz", ".bz2", ".xz"):
-        opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[ext]
-        return _read_to_end(opener, path, ext[1:])
+        openers: dict[str, Callable[[BinaryIO], BinaryIO]] = {
+            ".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
+            ".bz2": bz2.BZ2File,
+            ".xz": lzma.LZMAFile,
+        }
+        return _read_to_end(openers[ext], fh, ext[1:])
     if ext in (".zip", ".npz"):
-        return _check_zip(path)
+        return _check_zip(fh)
     if ext == ".npy":
-        return _check_npy(path, size)
+        return _check_npy(fh, size)
     if ext == ".json":
-        return _check_json(path)
+        return _check_json(fh)
     return None
 
 
-def check_file(root: str, rel: str, want_hash: bool) -> FileCheck:
-    """Check one file; never raises (an unreadable file is a finding, not a crash)."""
+def _inside(path: str, top: str) -> bool:
+    return os.path.commonpath([path, top]) == top
+
+
+def check_file(root: str, rel: str, want_hash: bool, top: str | None = None) -> FileCheck:
+    """Check one file; never raises (an unreadable file is a finding, not a crash).
+
+    Looks before it opens: only a regular file, or a symlink to one inside root (top is
+    root's realpath), is opened, and open_regular holds to that if the file changes since.
+    """
     path = os.path.join(root, rel)
+    top = top or os.path.realpath(root)
     try:
-        size = os.stat(path).st_size
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            real = os.path.realpath(path)
+            if not _inside(real, top):
+                return FileCheck(rel, 0, None, f"symlink to {real}, outside the folder: not opened")
+            info = os.stat(path)
+            path = real
+        if not stat.S_ISREG(info.st_mode):
+            kind = file_kind(info.st_mode)
+            return FileCheck(rel, 0, None, f"{kind}, not a regular file: not opened")
     except FileNotFoundError:
         return FileCheck(rel, 0, None, "broken symlink or vanished during the check")
     except OSError as exc:
         return FileCheck(rel, 0, None, f"cannot stat: {exc.strerror or exc}")
+    size = info.st_size
     digest = None
     try:
-        if want_hash:
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
+        with open_regular(path) as fh:
+            if want_hash:
+                h = hashlib.sha256()
                 while block := fh.read(CHUNK):
                     h.update(block)
-            digest = h.hexdigest()
-        problem = "zero-byte file" if size == 0 else _check_format(path, size)
+                digest = h.hexdigest()
+            problem = "zero-byte file" if size == 0 else _check_format(rel, fh, size)
+    except NotRegular as exc:
+        digest, problem = None, f"changed during the check: {exc}: not read"
     except OSError as exc:
         problem = f"cannot read: {exc.strerror or exc}"
     return FileCheck(rel, size, digest, problem)
@@ -293,19 +339,31 @@ def check_file(root: str, rel: str, want_hash: bool) -> FileCheck:
 
 def check_batch(root: str, rels: list[str], want_hash: bool) -> list[FileCheck]:
     """A batch per task keeps the pool's per-task overhead small for tiny files."""
-    return [check_file(root, rel, want_hash) for rel in rels]
+    top = os.path.realpath(root)
+    return [check_file(root, rel, want_hash, top) for rel in rels]
 
 
 # --- the folder ---------------------------------------------------------------------------
 
 
 def list_files(root: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
-    """Every file under root (symlinks to files included), as sorted '/'-separated paths."""
+    """Every entry under root but folders, as sorted '/'-separated paths.
+
+    Symlinks, FIFOs and devices are listed too, so that check_file reports each one; a
+    symlink to a folder is listed only when it leads out of root (os.walk does not follow it;
+    the files of one inside are listed where they are).
+    """
     skip = {os.path.abspath(p) for p in exclude}
+    top = os.path.realpath(root)
     out = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        for name in files:
+        names = list(files)
+        for name in dirs:
+            full = os.path.join(folder, name)
+            if os.path.islink(full) and not _inside(os.path.realpath(full), top):
+                names.append(name)
+        for name in names:
             full = os.path.join(folder, name)
             if os.path.abspath(full) in skip:
                 continue
