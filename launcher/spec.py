@@ -78,14 +78,26 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """DataLoader settings; null means "pick from the hardware where the job runs"."""
+    """DataLoader settings; null means "pick from the hardware where the job runs", "auto"
+    means "measure a few settings where the job runs" (launcher.runtime.autotune)."""
 
-    num_workers: int | None = field(default=None, metadata=_meta(min=0, max=256))
-    pin_memory: bool | None = None
+    # Bounds in problems(): "auto" is not a number to compare.
+    num_workers: int | Literal["auto"] | None = None
+    pin_memory: bool | Literal["auto"] | None = None
     persistent_workers: bool | None = None
     prefetch_factor: int | None = field(default=None, metadata=_meta(min=1, max=64))
     # Size of one sample in bytes, to size shared memory for worker batches (docker shm).
     sample_bytes: int | None = field(default=None, metadata=_meta(min=1))
+    # `auto`: seconds the race may take (its batches are training steps); null: 2% of
+    # resources.time_min, between 10 and 120 s.
+    measure_budget_s: float | None = field(default=None, metadata=_meta(min=0.0, max=3600.0))
+    # `auto`: the dataset's identity for remembered results (e.g. a data version); null:
+    # derived from the dataset's class, length and sample 0's shapes.
+    fingerprint: str | None = None
+
+    def problems(self) -> Problems:
+        if isinstance(self.num_workers, int) and not 0 <= self.num_workers <= 256:
+            yield "num_workers", f"expected 0 to 256 or 'auto', got {self.num_workers}"
 
 
 @dataclass(frozen=True)
@@ -304,8 +316,8 @@ class DataSourceSpec:
 
     name: str = field(
         metadata=_meta(
-            pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
-            pattern_help="a name of letters, digits, '.', '_' or '-'",
+            pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}",
+            pattern_help="a name of at most 200 letters, digits, '.', '_' or '-'",
         )
     )
     # A Drive file or folder id, or a drive.google.com link (fetched through gdown).
@@ -328,7 +340,12 @@ class DataSourceSpec:
     # File name to store under; null: from the URL or from Drive.
     filename: str | None = field(
         default=None,
-        metadata=_meta(pattern=r"[^/\\\x00]+", pattern_help="a file name without '/'"),
+        metadata=_meta(
+            # One path component: no separators or control characters, at most 255 bytes'
+            # worth of characters (data/paths.py checks the bytes again when it joins).
+            pattern=r"(?!\.{1,2}$)[^/\\\x00-\x1f\x7f]{1,255}",
+            pattern_help="a file name without '/', '\\' or control characters, not '.' or '..'",
+        ),
     )
 
     # Not fields (no annotation): how a Drive id and a Drive link look.
