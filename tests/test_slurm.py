@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -10,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import runs
+from launcher import config, runs
+from launcher.backends.slurm.backend import BACKEND, SlurmBackend
+from launcher.errors import BackendError
 from tests.conftest import ROOT, launcher_cmd
 from tests.slurm_helpers import only_run, require_cluster, wait_file, wait_state
 
@@ -78,7 +82,8 @@ def test_script_on_two_nodes_reads_ranks_and_keeps_slurm_vars(tmp_path, runs_dir
     hostile = "a'b\"c $(touch /tmp/pwned-arg); touch /tmp/pwned-semi\ntouch /tmp/pwned-nl"
     cfg = _config(
         tmp_path,
-        name=f"env {hostile}",
+        # The name goes on an #SBATCH line: a newline there is refused (test_security_slurm).
+        name=f"env {hostile.splitlines()[0]}",
         entrypoint={"script": "tests/jobs/env_dump.py", "args": [hostile]},
         resources={"nodes": 2, "procs_per_node": 2},
         env={"CUSTOM": hostile},
@@ -196,3 +201,119 @@ def test_failing_rank_is_named_and_launcher_cancel_works(tmp_path, runs_dir):
     sleepy = next(d for d in runs.iter_run_dirs(runs_dir) if d != run_dir)
     assert launcher_cmd("cancel", sleepy.name, f"--runs-dir={runs_dir}").returncode == 0
     assert wait_state(sleepy, runs.FINAL_STATES, timeout=60)["state"] == "CANCELLED"
+
+
+def test_tasks_that_never_start_make_the_run_failed_not_completed(tmp_path, runs_dir):
+    """srun exits 0 when it cannot start the tasks (here: the run folder's logs/ is gone on
+    the nodes, as when the run folder is not shared); the run must not be COMPLETED."""
+    cfg = _config(
+        tmp_path,
+        entrypoint={"script": "tests/jobs/env_dump.py"},
+        resources={"nodes": 2},
+        slurm={"extra": {"begin": "now+8"}},  # time to take the folder away before it starts
+    )
+    run_dir = _submit(cfg, runs_dir)
+    shutil.rmtree(run_dir / "logs")
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=180)
+    assert record["state"] == "FAILED", record
+    assert record["error"].startswith(
+        "rank(s) 0,1 never reported an exit: the tasks did not start "
+        "(is the run folder visible on every node?)"
+    ), record["error"]
+    events = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    end = next(e for e in events if e["phase"] == "end")
+    assert end["exit_code"] == 0 and end["missing"] == [0, 1]  # srun itself said 0
+    assert not list(run_dir.glob("env-rank*.json"))
+
+
+def _sacct_state(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-j", job_id, "-o", "State"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return out.stdout.strip()
+
+
+def test_cancel_of_a_finished_run_says_so_and_keeps_it_completed(tmp_path, runs_dir):
+    cfg = _config(tmp_path, entrypoint={"script": "tests/jobs/env_dump.py"})
+    run_dir = _submit(cfg, runs_dir)
+    job_id = runs.read_record(run_dir)["backend_info"]["job_id"]
+    deadline = time.monotonic() + 120
+    while _sacct_state(job_id) != "COMPLETED":  # Slurm knows; the record was never refreshed
+        assert time.monotonic() < deadline, _sacct_state(job_id)
+        time.sleep(1)
+    assert runs.read_record(run_dir)["state"] == "PENDING"
+    out = launcher_cmd("cancel", run_dir.name, f"--runs-dir={runs_dir}")
+    assert out.returncode == 1, out
+    assert f"run {run_dir.name} already ended COMPLETED; nothing to cancel" in out.stderr
+    assert runs.read_record(run_dir)["state"] == "COMPLETED"
+    assert _sacct_state(job_id) == "COMPLETED"
+
+
+def test_refused_submission_ends_failed_with_the_reason(tmp_path, runs_dir):
+    cfg = _config(tmp_path, entrypoint={"script": "tests/jobs/env_dump.py"})
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "slurm.partition=nosuch")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("launcher: error: sbatch refused the job: ") and "partition" in last
+    run_dir = only_run(runs_dir)
+    record = runs.read_record(run_dir)
+    assert record["state"] == "FAILED" and record["ended_at"]
+    assert record["error"] == last.removeprefix("launcher: error: ")
+    status = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}")
+    assert status.returncode == 0 and "FAILED" in status.stdout and "partition" in status.stdout
+    cancel = launcher_cmd("cancel", run_dir.name, f"--runs-dir={runs_dir}")
+    assert cancel.returncode == 1 and "already ended FAILED: sbatch refused" in cancel.stderr
+
+
+@pytest.fixture
+def silent_slurm(tmp_path, monkeypatch):
+    """The real Slurm clients pointed at a controller and a slurmdbd that accept the
+    connection and never answer (a listening socket nobody reads)."""
+    shown = subprocess.run(
+        ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
+    ).stdout
+    conf = next(x for x in shown.splitlines() if x.startswith("SLURM_CONF")).split("=")[1]
+    lines = Path(conf.strip()).read_text().splitlines()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    for key in ("SlurmctldPort", "AccountingStoragePort"):
+        lines = [x for x in lines if not x.startswith(f"{key}=")] + [f"{key}={port}"]
+    silent = tmp_path / "slurm.conf"
+    silent.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("SLURM_CONF", str(silent))
+    yield
+    sock.close()
+
+
+def test_a_silent_controller_is_one_error_within_the_timeout(tmp_path, silent_slurm):
+    """refresh, cancel and submit each end in one BackendError, no hang, no wrong state."""
+    backend = SlurmBackend(timeout_s=3, sbatch_timeout_s=3, cancel_wait_s=0)
+    spec = config.load(
+        _config(tmp_path, entrypoint={"script": "tests/jobs/env_dump.py"}),
+        [f"runs_dir={tmp_path / 'runs'}"],
+    ).spec
+    run_dir = tmp_path / "runs" / "t" / "R1"
+    plan = BACKEND.plan(spec, run_id="R1", run_dir=run_dir, config_file="job.yaml")
+
+    start = time.monotonic()
+    with pytest.raises(BackendError, match="sbatch did not answer within 3 s"):
+        backend.submit(plan)
+    assert time.monotonic() - start < 15
+    record = runs.read_record(run_dir)
+    assert record["state"] == "FAILED" and "sbatch did not answer" in record["error"]
+
+    runs.update_record(run_dir, state="RUNNING", error=None, backend_info={"job_id": "999999"})
+    before = runs.read_record(run_dir)
+    start = time.monotonic()
+    with pytest.raises(BackendError, match="did not answer within 3 s"):
+        backend.refresh([run_dir])
+    assert time.monotonic() - start < 10
+    with pytest.raises(BackendError, match="scancel 999999 did not answer within 3 s"):
+        backend.cancel(run_dir)
+    assert time.monotonic() - start < 25
+    assert runs.read_record(run_dir) == before  # nothing recorded on a guess

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,12 @@ from tests.conftest import ROOT, launcher_cmd
 from tests.slurm_helpers import require_cluster
 
 EXPECTED = Path(__file__).parent / "expected"
-HOSTILE = (
-    'it\'s "q" $(touch /tmp/pwned-sub) `touch /tmp/pwned-tick`; touch /tmp/pwned-semi'
-    "\ntouch /tmp/pwned-newline"
+# On one line: what may go into the sbatch script (a newline there is refused, not rewritten).
+HOSTILE_LINE = (
+    'it\'s "q" $(touch /tmp/pwned-sub) `touch /tmp/pwned-tick`; touch /tmp/pwned-semi # x'
 )
+# With a newline: data for argv and the environment, which never pass through a shell.
+HOSTILE = HOSTILE_LINE + "\ntouch /tmp/pwned-newline"
 
 
 def _plan(cfg: str | Path, *overrides: str, tmp: Path):
@@ -120,12 +123,12 @@ def test_hostile_strings_stay_data(tmp_path):
     cfg.write_text(
         yaml.safe_dump(
             {
-                "name": HOSTILE,
+                "name": HOSTILE_LINE,
                 "backend": "slurm",
                 "workdir": str(ROOT),
                 "entrypoint": {"script": "tests/jobs/env_dump.py", "args": [HOSTILE, "--x"]},
                 "env": {"CUSTOM": HOSTILE},
-                "slurm": {"partition": HOSTILE, "extra": {"comment": HOSTILE}},
+                "slurm": {"partition": HOSTILE_LINE, "extra": {"comment": HOSTILE_LINE}},
             }
         )
     )
@@ -135,7 +138,8 @@ def test_hostile_strings_stay_data(tmp_path):
     # No line of the script may start with the payload: newlines cannot break out.
     assert not any(line.lstrip().startswith("touch") for line in lines)
     name_lines = [line for line in lines if line.startswith("#SBATCH --job-name=")]
-    assert len(name_lines) == 1 and "\n" not in name_lines[0]
+    assert len(name_lines) == 1 and shlex.split(name_lines[0])[1] == f"--job-name={HOSTILE_LINE}"
+    assert plan.payload.step[-2:] == [HOSTILE, "--x"]  # argv: the newline stays, as data
     # The script is valid shell and running its parameter section executes nothing.
     header = "\n".join(line for line in lines if not line.startswith("exec "))
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)

@@ -7,11 +7,20 @@ Status comes from ONE sacct + squeue query for every run shown (`status`).
 Script and built-in-trainer jobs run as one `srun` step started from the batch shell
 (`batch.StepTask`), so requeue decisions stay on the host even when the ranks run in a
 container. Callables run through submitit in every task (`batch.CallableTask`).
+
+The record follows Slurm, never launcher's own wish: a refused (or unanswered) sbatch leaves
+the run FAILED with the reason; `cancel` asks sacct first and records CANCELLED only when
+Slurm says so, so a job that finished first stays COMPLETED. Every Slurm command has a
+timeout (`status.run_slurm_command`, and `timeout` around submitit's sbatch).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import io
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +38,14 @@ from launcher.backends.slurm.sbatch import (
     submitit_python,
     task_env,
 )
-from launcher.backends.slurm.status import apply_state, query_states, run_slurm_command
-from launcher.errors import BackendError
+from launcher.backends.slurm.status import (
+    QUERY_TIMEOUT_S,
+    Runner,
+    apply_state,
+    query_states,
+    run_slurm_command,
+)
+from launcher.errors import BackendError, LauncherError
 from launcher.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -38,11 +53,33 @@ if TYPE_CHECKING:
     from launcher.hardware import Hardware
 
 
+# sbatch answers in about a second; past this the controller is down or overloaded.
+SBATCH_TIMEOUT_S = 120.0
+# A record still without a job id this long after it was written: its submission died.
+STALE_SUBMISSION_S = 2 * SBATCH_TIMEOUT_S + 60
+# How long `launcher cancel` waits for Slurm to say how the job ended.
+CANCEL_WAIT_S = 20.0
+
+
 class SlurmBackend:
     name = "slurm"
 
     # Sweeps queue their points as job arrays (array.py).
     array: ArrayBackend | None = ARRAYS
+
+    def __init__(
+        self,
+        *,
+        run: Runner = run_slurm_command,
+        timeout_s: float = QUERY_TIMEOUT_S,
+        sbatch_timeout_s: float = SBATCH_TIMEOUT_S,
+        cancel_wait_s: float = CANCEL_WAIT_S,
+    ) -> None:
+        # `run` runs sacct, squeue and scancel (a stand-in in unit tests of the logic).
+        self.run = run
+        self.timeout_s = timeout_s
+        self.sbatch_timeout_s = sbatch_timeout_s
+        self.cancel_wait_s = cancel_wait_s
 
     def plan(
         self,
@@ -54,7 +91,7 @@ class SlurmBackend:
         hardware: Hardware | None = None,
     ) -> Plan[SlurmPayload]:
         # `hardware` is not used: loader picks are made on each node, from what it got.
-        check(spec, config_file)
+        check(spec, config_file, run_dir)
         params = executor_params(spec)
         folder = run_dir / "slurm"
         script = render_sbatch(submitit_command(folder, step_mode(spec)), folder, params)
@@ -80,34 +117,71 @@ class SlurmBackend:
     ) -> int:
         # The job runs in the queue: nothing to echo here; `launcher logs -f` follows it.
         prepare_run_dir(plan)
-        executor = _executor(Path(plan.payload.folder), plan.spec, plan.payload.params)
-        job = _submit_or_fail(executor, task_for(plan))
+        try:
+            executor = _executor(
+                Path(plan.payload.folder), plan.spec, plan.payload.params, self.sbatch_timeout_s
+            )
+            job = _submit_or_fail(executor, task_for(plan), self.sbatch_timeout_s)
+        except BaseException as exc:
+            # No PENDING record may outlive a submission that did not happen.
+            why = str(exc) if isinstance(exc, LauncherError) else _interrupted(exc)
+            runs.update_record(plan.run_dir, state="FAILED", ended_at=runs.now(), error=why)
+            raise
         _mark_submitted(plan, job.job_id, plan.payload.folder)
         print(f"submitted Slurm job {job.job_id}; follow with: launcher logs {plan.run_id} -f")
         return 0
 
     def refresh(self, run_dirs: list[Path]) -> None:
+        """ONE sacct + squeue query for these runs; BackendError within `timeout_s` when
+        Slurm does not answer (records are left as they were)."""
         records = {d: runs.read_record(d) for d in run_dirs}
-        ids = {r["backend_info"].get("job_id") for r in records.values()} - {None}
+        for run_dir, record in records.items():
+            if not record["backend_info"].get("job_id"):
+                _fail_stale_submission(run_dir, record)
+        ids = {job for r in records.values() if (job := r["backend_info"].get("job_id"))}
         if not ids:
             return
-        states = query_states(sorted(ids))
+        states = query_states(sorted(ids), run=self.run, timeout_s=self.timeout_s)
         for run_dir, record in records.items():
             job_id = record["backend_info"].get("job_id")
             if job_id and job_id in states:
-                apply_state(run_dir, record, states[job_id])
+                apply_state(run_dir, dict(record), states[job_id])
 
     def cancel(self, run_dir: Path) -> None:
+        """scancel the run's job, then record what Slurm says happened.
+
+        sacct is asked first (scancel of a finished job succeeds silently), and CANCELLED is
+        written only when Slurm reports it: a job that finished before the cancel reached it
+        stays COMPLETED (or FAILED), and that is an error here ("already ended")."""
         record = runs.read_record(run_dir)
+        if record["state"] in runs.FINAL_STATES:
+            raise BackendError(_already_ended(record))
         job_id = record["backend_info"].get("job_id")
         if not job_id:
-            raise BackendError(f"run {record['run_id']} has no Slurm job id")
+            raise BackendError(
+                f"run {record['run_id']} has no Slurm job id: it was never submitted "
+                "(or its submission is still under way); nothing to cancel"
+            )
+        with contextlib.suppress(BackendError):
+            # Not answering is no reason not to scancel: the record waits for Slurm's word.
+            record = self._refreshed(run_dir, job_id)
         if record["state"] in runs.FINAL_STATES:
-            raise BackendError(f"run {record['run_id']} already ended ({record['state']})")
-        run_slurm_command(["scancel", job_id])
-        runs.update_record(
-            run_dir, state="CANCELLED", ended_at=runs.now(), error="cancelled by launcher cancel"
-        )
+            raise BackendError(_already_ended(record))
+        self.run(["scancel", job_id], self.timeout_s)
+        record = runs.update_record(run_dir, cancel_requested_at=runs.now())
+        deadline = time.monotonic() + self.cancel_wait_s
+        while record["state"] not in runs.FINAL_STATES and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with contextlib.suppress(BackendError):
+                record = self._refreshed(run_dir, job_id)
+        if record["state"] in ("COMPLETED", "FAILED"):
+            raise BackendError(_already_ended(record, raced=True))
+
+    def _refreshed(self, run_dir: Path, job_id: str) -> runs.RunRecord:
+        states = query_states([job_id], run=self.run, timeout_s=self.timeout_s)
+        if job_id in states:
+            apply_state(run_dir, dict(runs.read_record(run_dir)), states[job_id])
+        return runs.read_record(run_dir)
 
     def log_files(self, run_dir: Path) -> dict[int, Path]:
         found = {int(p.stem.removeprefix("rank")): p for p in (run_dir / "logs").glob("rank*.log")}
@@ -143,11 +217,50 @@ def prepare_run_dir(plan: Plan[SlurmPayload]) -> None:
     runs.write_record(run_dir, record)
 
 
-def _executor(folder: Path, spec: JobSpec, params: dict[str, Any]):
+def _already_ended(record: runs.RunRecord, *, raced: bool = False) -> str:
+    when = "before the cancel reached Slurm" if raced else "already"
+    why = f": {record['error']}" if record.get("error") else ""
+    return f"run {record['run_id']} {when} ended {record['state']}{why}; nothing to cancel"
+
+
+def _interrupted(exc: BaseException) -> str:
+    return (
+        f"submission interrupted ({type(exc).__name__}: {exc}); sbatch may have queued the "
+        "job anyway (see squeue --me)"
+    )
+
+
+def _fail_stale_submission(run_dir: Path, record: runs.RunRecord) -> None:
+    """A PENDING record that never got a job id (launcher killed during sbatch) ends FAILED
+    once its submission cannot still be under way."""
+    if record["state"] != "PENDING":
+        return
+    try:
+        age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(record["created_at"])
+    except (TypeError, ValueError):
+        return
+    if age.total_seconds() > STALE_SUBMISSION_S:
+        runs.update_record(
+            run_dir,
+            state="FAILED",
+            ended_at=runs.now(),
+            error="the submission did not finish (no Slurm job id was recorded; launcher was "
+            "stopped during sbatch?)",
+        )
+
+
+def _executor(folder: Path, spec: JobSpec, params: dict[str, Any], sbatch_timeout_s: float):
     import submitit
 
+    class Executor(submitit.SlurmExecutor):
+        def _make_submission_command(self, submission_file_path: Path) -> list[str]:
+            # submitit waits for sbatch without a limit; a controller that does not answer
+            # must not hang `launcher run`.
+            sbatch = super()._make_submission_command(submission_file_path)
+            return ["timeout", "-k", "5", f"{sbatch_timeout_s:g}", *sbatch]
+
     try:
-        executor = submitit.SlurmExecutor(
+        executor = Executor(
             folder=folder,
             max_num_timeout=spec.slurm.max_requeue,
             python=submitit_python(step_mode(spec)),
@@ -172,6 +285,7 @@ def task_for(plan: Plan[SlurmPayload]) -> StepTask | CallableTask:
             grace,
             env,
             signal_delay_s=spec.slurm.signal_delay_s,
+            world_size=spec.resources.world_size,
         )
     return CallableTask(
         spec.entrypoint.callable or "",
@@ -182,13 +296,23 @@ def task_for(plan: Plan[SlurmPayload]) -> StepTask | CallableTask:
     )
 
 
-def _submit_or_fail(executor, task):
-    import submitit
+def _submit_or_fail(executor, task, sbatch_timeout_s: float):
+    """executor.submit, with sbatch's refusal (or silence) as one BackendError line."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     try:
-        return executor.submit(task)
-    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
-        raise BackendError(f"sbatch refused the job: {str(exc).strip().splitlines()[-1]}") from None
+        # submitit also prints sbatch's stderr; the one line below says it instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            return executor.submit(task)
+    except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError, OSError) as exc:
+        cause = exc.__cause__
+        if isinstance(cause, subprocess.CalledProcessError) and cause.returncode in (124, 137):
+            raise BackendError(
+                f"sbatch did not answer within {sbatch_timeout_s:g} s: is the Slurm controller "
+                "up? (the job may have been queued anyway: see squeue --me)"
+            ) from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise BackendError(f"sbatch refused the job: {lines[-1] if lines else exc!r}") from None
 
 
 def _mark_submitted(plan: Plan[SlurmPayload], job_id: str, folder: str) -> None:

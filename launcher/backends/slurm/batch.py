@@ -8,6 +8,9 @@ ranks save a checkpoint and exit, and the job is requeued until `max_requeue` is
 
 `CallableTask` runs the user's callable in every task through submitit, with the
 torchrun-style variables exported.
+
+Both leave one exit file per rank and attempt (`rank.write_exit`): srun exits 0 even when it
+could not start the tasks, so the host side fails the job when a rank wrote none.
 """
 
 from __future__ import annotations
@@ -23,8 +26,18 @@ from typing import Any
 
 import submitit
 
-from launcher.backends.slurm.rank import dist_env_from_slurm
+from launcher.backends.slurm.rank import (
+    dist_env_from_slurm,
+    missing_ranks,
+    never_reported,
+    write_exit,
+)
+from launcher.backends.slurm.status import run_slurm_command
+from launcher.errors import BackendError
 from launcher.ports import free_port
+
+# How long the host waits for the exit files of ranks that ran on other nodes.
+EXIT_FILES_GRACE_S = 10
 
 
 def _append_attempt(run_dir: Path, event: dict[str, Any]) -> None:
@@ -62,8 +75,11 @@ class StepTask(submitit.helpers.Checkpointable):
         grace_s: int,
         env: dict[str, str],
         signal_delay_s: int = 0,
+        world_size: int = 0,
     ):
         self.srun_argv = srun_argv
+        # Ranks that must each leave an exit file for the step to count as done.
+        self.world_size = world_size
         self.run_dir = run_dir
         self.env = env
         self.signal_delay_s = signal_delay_s
@@ -88,9 +104,13 @@ class StepTask(submitit.helpers.Checkpointable):
         # frame, and a blocking wait() here would hold the lock its wait() needs.
         while (code := self._proc.poll()) is None:
             time.sleep(0.2)
-        _attempt_event(run_dir, "end", exit_code=code)
+        missing = _missing_after_step(run_dir, getattr(self, "world_size", 0))
+        _attempt_event(run_dir, "end", exit_code=code, **({"missing": missing} if missing else {}))
         if code != 0:
             raise RuntimeError(f"the job step exited with code {code} (logs: {run_dir}/logs)")
+        if missing:
+            # srun exits 0 when it could not start the tasks: no rank ran, nothing is done.
+            raise RuntimeError(never_reported(missing))
         return code
 
     def _arm_time_limit_signal(self) -> None:
@@ -108,7 +128,10 @@ class StepTask(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGUSR2))
         signal.setitimer(signal.ITIMER_REAL, delay)
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+    # None: submitit does not requeue (submitit's own annotation omits it).
+    def checkpoint(  # type: ignore[override]
+        self, *args: Any, **kwargs: Any
+    ) -> submitit.helpers.DelayedSubmission | None:
         """Forward the signal to the ranks, let them save, then ask submitit to requeue."""
         run_dir = Path(self.run_dir)
         proc = self._proc
@@ -127,6 +150,16 @@ class StepTask(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
+def _missing_after_step(run_dir: Path, world_size: int) -> list[int]:
+    """Ranks with no exit file for this attempt, once files written on other nodes had
+    time to show here (a shared file system may list a new file a few seconds late)."""
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    deadline = time.monotonic() + EXIT_FILES_GRACE_S
+    while (missing := missing_ranks(run_dir, world_size, restart)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return missing
+
+
 def _job_end_time(job_id: str) -> float | None:
     """The job's EndTime (epoch seconds) from `scontrol show job`, or None."""
     import datetime as dt
@@ -134,10 +167,8 @@ def _job_end_time(job_id: str) -> float | None:
     if not job_id:
         return None
     try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+        out = run_slurm_command(["scontrol", "show", "job", "-o", job_id], timeout_s=30)
+    except BackendError:
         return None
     for field in out.split():
         key, _, value = field.partition("=")
@@ -168,5 +199,16 @@ class CallableTask(submitit.helpers.Checkpointable):
         os.chdir(self.workdir)
         if os.environ.get("RANK") == "0":
             _attempt_event(Path(self.run_dir), "start")
-        fn = resolve_callable(self.ref)
-        return fn(load_resolved(self.config_path))
+        started = time.time()
+        try:
+            fn = resolve_callable(self.ref)
+            result = fn(load_resolved(self.config_path))
+        except SystemExit as exc:
+            code = exc.code if type(exc.code) is int else int(exc.code is not None)
+            write_exit(self.run_dir, os.environ, code, started)
+            raise
+        except BaseException as exc:
+            write_exit(self.run_dir, os.environ, 1, started, error=f"{type(exc).__name__}: {exc}")
+            raise
+        write_exit(self.run_dir, os.environ, 0, started)
+        return result

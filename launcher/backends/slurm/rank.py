@@ -6,7 +6,9 @@ SLURM_* variables (a Lightning script with `Trainer(num_nodes=N)` works unchange
 RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, picks the loader
 settings from the hardware this task really got, forwards signals to the child, and
 writes the child's exit code to `<run_dir>/exits/rank<N>.json` so a failed run can name
-its first failing rank.
+its first failing rank. Those files are also the proof that a rank ran at all: srun exits 0
+when it could not start the tasks (no run folder on the node), so a run is COMPLETED only
+when every rank wrote its exit file, with 0, in the job's current attempt (`missing_ranks`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,65 @@ def dist_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def write_exit(
+    run_dir: str | Path,
+    environ: Mapping[str, str],
+    code: int,
+    started: float,
+    error: str | None = None,
+) -> None:
+    """exits/rank<N>.json for this task and attempt (SLURM_RESTART_COUNT), atomically."""
+    exits = Path(run_dir) / "exits"
+    exits.mkdir(parents=True, exist_ok=True)
+    rank = environ.get("RANK") or environ.get("SLURM_PROCID", "0")
+    record = {
+        "rank": int(rank),
+        "node": environ.get("SLURMD_NODENAME", ""),
+        "exit_code": code,
+        "started": started,
+        "ended": time.time(),
+        "restart": int(environ.get("SLURM_RESTART_COUNT", "0")),
+        "job_id": environ.get("SLURM_JOB_ID", ""),
+    }
+    if error:
+        record["error"] = error
+    tmp = exits / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, exits / f"rank{rank}.json")
+
+
+def read_exits(run_dir: str | Path, restart: int | None = None) -> dict[int, dict]:
+    """rank -> its exit file, only those of attempt `restart` when given (older ones are
+    from before a requeue); unreadable files count as not written."""
+    found: dict[int, dict] = {}
+    for path in (Path(run_dir) / "exits").glob("rank*.json"):
+        try:
+            data = json.loads(path.read_text())
+            rank = int(data["rank"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if restart is None or data.get("restart", 0) == restart:
+            found[rank] = data
+    return found
+
+
+def missing_ranks(run_dir: str | Path, world_size: int, restart: int | None = None) -> list[int]:
+    """Ranks of 0..world_size-1 without an exit file for this attempt: they never ran."""
+    seen = read_exits(run_dir, restart)
+    return [r for r in range(world_size) if r not in seen]
+
+
+def never_reported(ranks: list[int]) -> str:
+    """The one-line cause for ranks that wrote no exit file."""
+    shown = ",".join(str(r) for r in ranks[:16]) + (
+        f",... ({len(ranks)} ranks)" if len(ranks) > 16 else ""
+    )
+    return (
+        f"rank(s) {shown} never reported an exit: the tasks did not start "
+        "(is the run folder visible on every node?)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--"]:
@@ -90,7 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 
         picks = pick_loader(detect(env), int(env["LOCAL_WORLD_SIZE"]), LoaderSpec())
         env.update(picks.as_env())
-    child = subprocess.Popen(argv, env=env)
+    run_dir = env.get("LAUNCHER_RUN_DIR")
+    started = time.time()
+    try:
+        child = subprocess.Popen(argv, env=env)
+    except OSError as exc:
+        # Reported like any exit, so the run names this rank and why instead of "never ran".
+        print(f"launcher: cannot start {argv[0]}: {exc}", file=sys.stderr)
+        if run_dir:
+            write_exit(run_dir, env, 127, started, error=f"cannot start {argv[0]}: {exc}")
+        return 127
 
     def forward(signum: int, _frame: object) -> None:
         if child.poll() is None:
@@ -98,23 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    started = time.time()
     code = child.wait()
-    run_dir = env.get("LAUNCHER_RUN_DIR")
     if run_dir:
-        exits = Path(run_dir) / "exits"
-        exits.mkdir(parents=True, exist_ok=True)
-        record = {
-            "rank": int(env["RANK"]),
-            "node": env.get("SLURMD_NODENAME", ""),
-            "exit_code": code,
-            "started": started,
-            "ended": time.time(),
-            "restart": int(env.get("SLURM_RESTART_COUNT", "0")),
-        }
-        tmp = exits / f".rank{env['RANK']}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, exits / f"rank{env['RANK']}.json")
+        write_exit(run_dir, env, code, started)
     if code == REQUEUE_EXIT_CODE:
         # The rank saved a checkpoint and stopped for requeue: not a failure, so srun's
         # --kill-on-bad-exit must not kill the ranks that are still saving.

@@ -2,6 +2,12 @@
 
 Runs on the submit host (CLI, sweep status). Both single jobs and array tasks are read
 here, so there is one parser and one mapping from Slurm states to launcher states.
+
+Every Slurm command goes through `run_slurm_command`, with a timeout: a controller or
+database that does not answer is one BackendError within `QUERY_TIMEOUT_S`, never a hang.
+Slurm's COMPLETED is not taken on trust: srun exits 0 when it could not start the tasks at
+all, so a run is COMPLETED only when every rank wrote its exit file, with 0, in the current
+attempt (`rank.missing_ranks`); otherwise it is FAILED, naming the ranks that never ran.
 """
 
 from __future__ import annotations
@@ -10,13 +16,19 @@ import json
 import re
 import shlex
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from launcher import runs
+from launcher.backends.slurm.rank import never_reported, read_exits
 from launcher.errors import BackendError
 
 SACCT_FIELDS = "JobID,State,ExitCode,Start,End,NodeList"
+# sacct and squeue answer in well under a second; past this the controller or slurmdbd is
+# down or overloaded, and `launcher status` says so instead of hanging.
+QUERY_TIMEOUT_S = 20.0
 # Slurm's own default MaxArraySize, used when the controller does not say.
 DEFAULT_MAX_ARRAY_SIZE = 1001
 
@@ -46,6 +58,10 @@ def launcher_state(slurm_state: str) -> str | None:
     return None
 
 
+class SlurmTimeout(BackendError):
+    """A Slurm command did not answer in time (controller or slurmdbd down or overloaded)."""
+
+
 def run_slurm_command(argv: list[str], timeout_s: float = 60) -> str:
     """Run a Slurm client command; its failure (or silence) is a one-line BackendError."""
     try:
@@ -53,13 +69,18 @@ def run_slurm_command(argv: list[str], timeout_s: float = 60) -> str:
     except FileNotFoundError:
         raise BackendError(f"{argv[0]} not found: is this a Slurm login node?") from None
     except subprocess.TimeoutExpired:
-        raise BackendError(
+        raise SlurmTimeout(
             f"{shlex.join(argv[:2])} did not answer within {timeout_s:g} s: "
             "is the Slurm controller up?"
         ) from None
     if out.returncode != 0:
-        raise BackendError(f"{shlex.join(argv[:2])} failed: {out.stderr.strip()[:300]}")
+        message = " ".join(out.stderr.split())[:300] or f"exit code {out.returncode}"
+        raise BackendError(f"{shlex.join(argv[:2])} failed: {message}")
     return out.stdout
+
+
+# How Slurm commands are run: `run_slurm_command`, or a stand-in in unit tests.
+Runner = Callable[[list[str], float], str]
 
 
 def cluster_max_array_size() -> int:
@@ -118,18 +139,26 @@ def merge_squeue(states: dict[str, dict[str, str]], text: str) -> None:
                 states[task]["state"] = state.strip()
 
 
-def query_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+def query_states(
+    job_ids: list[str],
+    *,
+    run: Runner = run_slurm_command,
+    timeout_s: float = QUERY_TIMEOUT_S,
+) -> dict[str, dict[str, str]]:
     """ONE sacct call (plus one squeue, which sees new jobs before sacct) for all these jobs
-    and array tasks ('A_i')."""
+    and array tasks ('A_i'). A Slurm that does not answer is one BackendError within
+    `timeout_s` (both calls together)."""
     bases = sorted({j.split("_")[0] for j in job_ids})
     if not bases:
         return {}
     ids = ",".join(bases)
-    states = parse_sacct(
-        run_slurm_command(["sacct", "-X", "-P", "-n", "-j", ids, "-o", SACCT_FIELDS])
-    )
+    deadline = time.monotonic() + timeout_s
+    states = parse_sacct(run(["sacct", "-X", "-P", "-n", "-j", ids, "-o", SACCT_FIELDS], timeout_s))
+    left = max(1.0, deadline - time.monotonic())
     try:
-        queue = run_slurm_command(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"])
+        queue = run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], left)
+    except SlurmTimeout:
+        raise
     except BackendError:
         queue = ""  # squeue refuses ids it no longer knows; sacct has them
     merge_squeue(states, queue)
@@ -173,46 +202,68 @@ def _attempts(run_dir: Path) -> list[dict[str, Any]]:
     return [attempts[k] for k in sorted(attempts)]
 
 
-def first_failure(run_dir: Path) -> dict[str, Any] | None:
-    """The rank that failed first (by end time), from the per-task exit files."""
-    failures = []
-    for path in (run_dir / "exits").glob("rank*.json"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("exit_code") not in (0, None):
-            failures.append(data)
-    return min(failures, key=lambda d: d["ended"]) if failures else None
+def current_restart(attempts: list[dict[str, Any]]) -> int | None:
+    """SLURM_RESTART_COUNT of the job's latest attempt (None: no attempt has started)."""
+    return max((a["attempt"] - 1 for a in attempts), default=None)
+
+
+def first_failure(run_dir: Path, restart: int | None = None) -> dict[str, Any] | None:
+    """The rank that failed first (by end time) in attempt `restart`, from the exit files."""
+    exits = read_exits(run_dir, restart).values()
+    failures = [d for d in exits if d.get("exit_code") not in (0, None)]
+    return min(failures, key=lambda d: d.get("ended", 0)) if failures else None
+
+
+def _rank_failed(run_dir: Path, failure: dict[str, Any]) -> str:
+    rank = failure["rank"]
+    why = f": {failure['error']}" if failure.get("error") else ""
+    return (
+        f"rank {rank} on {failure.get('node') or '?'} exited with code {failure['exit_code']}"
+        f"{why} (log: {run_dir / 'logs' / f'rank{rank}.log'})"
+    )
 
 
 def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> None:
-    """Bring one run's record up to date with its Slurm job's state."""
+    """Bring one run's record up to date with its Slurm job's state.
+
+    COMPLETED needs every rank's exit file with 0 for the current attempt, or the run is
+    FAILED; CANCELLED after `launcher cancel` says so; a failed run names its first failing
+    rank, or the ranks that never started."""
     slurm_state = info["state"].rstrip("+")
     state = launcher_state(slurm_state)
-    changes: dict[str, Any] = {"attempts": _attempts(run_dir), "slurm_state": slurm_state}
+    attempts = _attempts(run_dir)
+    changes: dict[str, Any] = {"attempts": attempts, "slurm_state": slurm_state}
     ended = record.get("ended_at") or runs.now()
+    restart = current_restart(attempts)
+    world = int(record.get("world_size") or 0)
     if state in ("PENDING", "RUNNING"):
         changes["state"] = state
         if state == "RUNNING" and not record.get("started_at"):
             changes["started_at"] = runs.now()
-    elif state == "COMPLETED":
-        changes.update(state="COMPLETED", ended_at=ended)
     elif state == "CANCELLED":
-        changes.update(
-            state="CANCELLED",
-            ended_at=ended,
-            error=record.get("error") or "cancelled (scancel or preemption without requeue)",
-        )
-    elif state == "FAILED":
-        failure = first_failure(run_dir)
-        error = f"Slurm state {slurm_state}, exit {info['exit']}"
-        if failure:
-            rank = failure["rank"]
-            changes["failed_rank"] = rank
-            error = (
-                f"rank {rank} on {failure['node']} exited with code {failure['exit_code']} "
-                f"(log: {run_dir / 'logs' / f'rank{rank}.log'}); {error}"
-            )
-        changes.update(state="FAILED", ended_at=ended, error=error)
+        default = "cancelled (scancel or preemption without requeue)"
+        if record.get("cancel_requested_at"):
+            default = "cancelled by launcher cancel"
+        changes.update(state="CANCELLED", ended_at=ended, error=record.get("error") or default)
+    elif state in ("COMPLETED", "FAILED"):
+        exits = read_exits(run_dir, restart)
+        changes["exit_codes"] = {
+            str(r): d["exit_code"]
+            for r, d in sorted(exits.items())
+            if type(d.get("exit_code")) is int
+        }
+        missing = [r for r in range(world) if r not in exits]
+        failure = first_failure(run_dir, restart)
+        slurm = f"Slurm state {slurm_state}, exit {info['exit']}"
+        if state == "COMPLETED" and not missing and not failure:
+            changes.update(state="COMPLETED", ended_at=ended)
+        else:
+            if failure:
+                changes["failed_rank"] = failure["rank"]
+                error = f"{_rank_failed(run_dir, failure)}; {slurm}"
+            elif missing:
+                error = f"{never_reported(missing)}; {slurm}"
+            else:
+                error = slurm
+            changes.update(state="FAILED", ended_at=ended, error=error)
     runs.update_record(run_dir, **changes)
