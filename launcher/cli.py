@@ -12,9 +12,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from launcher import __version__
 from launcher.errors import LauncherError
+
+if TYPE_CHECKING:
+    from launcher.runs import RunRecord
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -59,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="the log's bytes unchanged (default: control characters shown as \\x1b etc.)",
+    )
     _add_runs_dir(p)
 
     p = sub.add_parser("cancel", help="stop a run on its backend")
@@ -116,65 +125,149 @@ def cmd_run(args: argparse.Namespace) -> int:
     return backend.submit(plan, foreground=not args.detach, echo=not args.quiet)
 
 
-def _selected_runs(runs_dir: str, ref: str | None) -> list[Path]:
-    from launcher import runs
+def one_line(message: object) -> str:
+    """An error message as one printable line: the line breaks of a tool's stderr become
+    spaces, every other control character is shown escaped (messages quote files and records)."""
+    from launcher.runs import printable
 
-    if ref:
-        return [runs.find_run(runs_dir, ref)]
-    return list(runs.iter_run_dirs(runs_dir))
+    return printable(" ".join(str(message).strip().splitlines()))
 
 
-def refresh_all(run_dirs: list[Path]) -> None:
-    """Ask each backend once about all of its unfinished runs."""
+def _read(run_dir: Path) -> RunRecord:
+    """The run's record, naming a backend launcher has (else the record is damaged)."""
     from launcher import runs
     from launcher.backends import get_backend
+    from launcher.errors import BackendError, DamagedRecord
+
+    record = runs.read_record(run_dir)
+    try:
+        get_backend(record["backend"])
+    except BackendError as exc:
+        raise DamagedRecord(str(Path(run_dir) / runs.RECORD), f"backend: {exc}") from None
+    return record
+
+
+def refresh_all(run_dirs: list[Path], warned: set[str] | None = None) -> None:
+    """Ask each backend once about all of its unfinished runs. Each backend on its own: one
+    that cannot answer (Slurm controller down) costs one warning line, once per `warned` set,
+    and its runs keep their last known state; the other backends' runs are still refreshed."""
+    from launcher import runs
+    from launcher.backends import get_backend
+    from launcher.errors import DamagedRecord
 
     by_backend: dict[str, list[Path]] = {}
     for run_dir in run_dirs:
-        record = runs.read_record(run_dir)
+        try:
+            record = _read(run_dir)
+        except DamagedRecord:
+            continue  # nothing to ask a backend about; status names it
         if record["state"] not in runs.FINAL_STATES:
             by_backend.setdefault(record["backend"], []).append(run_dir)
     for name, dirs in by_backend.items():
-        get_backend(name).refresh(dirs)
+        try:
+            get_backend(name).refresh(dirs)
+        except Exception as exc:  # whatever a backend raises, the other runs still show
+            why = str(exc) if isinstance(exc, LauncherError) else f"{type(exc).__name__}: {exc}"
+            if warned is None or name not in warned:
+                print(
+                    f"launcher: {name} status unavailable: {one_line(why)}; "
+                    "showing the last known state",
+                    file=sys.stderr,
+                )
+            if warned is not None:
+                warned.add(name)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from launcher import runs
+    from launcher.errors import DamagedRecord
 
-    run_dirs = _selected_runs(args.runs_dir, args.run)
+    unreadable: dict[Path, str] = {}
+    if args.run:
+        run_dirs = [runs.find_run(args.runs_dir, args.run)]
+    else:
+        run_dirs, unreadable = runs.scan_runs(args.runs_dir)
     refresh_all(run_dirs)
-    records = [runs.read_record(d) | {"run_dir": str(d)} for d in run_dirs]
+    rows: list[tuple[Path, RunRecord | DamagedRecord]] = []
+    for run_dir in run_dirs:
+        try:
+            rows.append((run_dir, _read(run_dir)))
+        except DamagedRecord as exc:
+            if args.run:
+                raise  # the one run asked for: one line, exit 2
+            rows.append((run_dir, exc))
+    rows += [(path, DamagedRecord(str(path), why)) for path, why in unreadable.items()]
     if args.json:
-        print(json.dumps(records, indent=2))
+        out: list[dict[str, Any]] = [
+            {"run_dir": str(d), "state": "DAMAGED", "record": r.path, "error": r.why}
+            if isinstance(r, DamagedRecord)
+            else {**r, "run_dir": str(d)}
+            for d, r in rows
+        ]
+        print(json.dumps(out, indent=2))
         return 0
-    if not records:
-        print(f"no runs under {args.runs_dir}")
+    if not rows:
+        print(f"no runs under {runs.printable(args.runs_dir)}")
         return 0
+    show = runs.printable
     print(f"{'RUN':<24} {'NAME':<20} {'BACKEND':<8} {'STATE':<10} {'WORLD':>5}  DETAIL")
-    for rec in records:
-        detail = rec.get("error") or ""
+    for _, rec in rows:
+        if isinstance(rec, DamagedRecord):
+            print(f"DAMAGED {show(rec.path)}: {show(rec.why)}")
+            continue
+        detail = rec.get("error") or rec.get("warning") or ""
         attempts = rec.get("attempts") or []
         if len(attempts) > 1:
             detail = f"attempt {len(attempts)}; {detail}".rstrip("; ")
         print(
-            f"{rec['run_id']:<24} {rec['name'][:20]:<20} {rec['backend']:<8} "
-            f"{rec['state']:<10} {rec.get('world_size', ''):>5}  {detail}"
+            f"{show(rec['run_id']):<24} {show(rec['name'])[:20]:<20} {show(rec['backend']):<8} "
+            f"{rec['state']:<10} {rec['world_size']:>5}  {show(detail)}"
         )
-    if args.run and records[0]["state"] == "FAILED":
-        _print_failure_tail(Path(records[0]["run_dir"]), records[0])
+    if args.run:
+        run_dir, rec = rows[0]
+        if not isinstance(rec, DamagedRecord) and rec["state"] == "FAILED":
+            _print_failure_tail(run_dir, rec)
     return 0
 
 
-def _print_failure_tail(run_dir: Path, record: dict) -> None:
+def _print_failure_tail(run_dir: Path, record: RunRecord) -> None:
     from launcher import runs
     from launcher.backends import get_backend
 
     rank = record.get("failed_rank")
     if rank is None:
         return
-    log = get_backend(record["backend"]).log_files(run_dir).get(int(rank))
+    log = get_backend(record["backend"]).log_files(run_dir).get(rank)
     if log:
-        print(f"--- last lines of rank {rank} ({log}) ---\n{runs.tail(log, 15)}")
+        print(f"--- last lines of rank {rank} ({runs.printable(log)}) ---\n{runs.tail(log, 15)}")
+
+
+class _LogPrinter:
+    """Writes a log to stdout as it grows: printable text by default (chunks may end inside
+    a UTF-8 character or between CR and LF, so those are carried over), or the bytes as-is."""
+
+    def __init__(self, raw: bool) -> None:
+        import codecs
+
+        self.raw = raw
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""
+
+    def write(self, data: bytes, *, final: bool = False) -> None:
+        from launcher.runs import printable
+
+        if self.raw:
+            sys.stdout.buffer.write(data)
+        else:
+            text = self.held + self.decoder.decode(data, final=final)
+            self.held = ""
+            if text.endswith("\r") and not final:
+                text, self.held = text[:-1], "\r"
+            sys.stdout.write(printable(text, keep_lines=True))
+        sys.stdout.flush()
+
+
+LOG_CHUNK = 1 << 20
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -183,30 +276,38 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from launcher.errors import RunNotFound
 
     run_dir = runs.find_run(args.runs_dir, args.run)
-    record = runs.read_record(run_dir)
+    record = _read(run_dir)
     backend = get_backend(record["backend"])
     logs = backend.log_files(run_dir)
     if args.rank not in logs:
         have = ", ".join(str(r) for r in sorted(logs)) or "none yet"
         raise RunNotFound(f"run {record['run_id']} has no log for rank {args.rank} (ranks: {have})")
     path = logs[args.rank]
+    out = _LogPrinter(args.raw)
     offset = 0
+    warned: set[str] = set()
     while True:
         try:
-            with open(path, "rb") as fh:
+            with runs.open_plain(path) as fh:
                 fh.seek(offset)
-                data = fh.read()
+                data = fh.read(LOG_CHUNK)
         except FileNotFoundError:
             if not args.follow:
                 raise RunNotFound(f"rank {args.rank} has not written {path} yet") from None
             data = b""
+        except OSError as exc:
+            raise RunNotFound(f"{path}: cannot read this log: {exc.strerror or exc}") from None
         offset += len(data)
-        sys.stdout.write(data.decode(errors="replace"))
-        sys.stdout.flush()
+        if len(data) == LOG_CHUNK:
+            out.write(data)
+            continue  # more is there already
         if not args.follow:
+            out.write(data, final=True)
             return 0
-        refresh_all([run_dir])
-        if runs.read_record(run_dir)["state"] in runs.FINAL_STATES and not data:
+        out.write(data)
+        refresh_all([run_dir], warned)
+        if _read(run_dir)["state"] in runs.FINAL_STATES and not data:
+            out.write(b"", final=True)
             return 0
         time.sleep(0.5)
 
@@ -216,9 +317,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from launcher.backends import get_backend
 
     run_dir = runs.find_run(args.runs_dir, args.run)
-    record = runs.read_record(run_dir)
+    record = _read(run_dir)
     get_backend(record["backend"]).cancel(run_dir)
-    print(f"cancelled {record['run_id']} ({record['backend']})")
+    print(f"cancelled {runs.printable(record['run_id'])} ({record['backend']})")
     return 0
 
 
@@ -330,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return VERBS[args.verb](args)
     except LauncherError as exc:
-        print(f"launcher: error: {exc}", file=sys.stderr)
+        print(f"launcher: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("launcher: interrupted", file=sys.stderr)

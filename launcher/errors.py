@@ -49,6 +49,25 @@ class RunNotFound(LauncherError):
     exit_code = 2
 
 
+class DamagedRecord(RunNotFound):
+    """A run folder whose record.json cannot be used (unreadable, not JSON, wrong shape).
+
+    A kind of RunNotFound: callers that want only usable runs (sweeps) skip it as they skip a
+    missing record, while `launcher status` names it and goes on with the other runs.
+    """
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(f"{path}: damaged run record: {why}")
+
+
+class CheckpointError(LauncherError):
+    """A checkpoint could not be written (disk full, quota); the previous one is kept."""
+
+    exit_code = 1
+
+
 class DataError(LauncherError):
     """Fetching or verifying data failed (checksum mismatch, quota page, corrupt file)."""
 

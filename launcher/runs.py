@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import re
+import reprlib
 import secrets
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NotRequired, TypedDict, cast
 
-from launcher.errors import RunNotFound
+from launcher.errors import DamagedRecord, LauncherError, RunNotFound
 
 RECORD = "record.json"
 CONFIG = "config.yaml"
@@ -93,29 +96,270 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_record(run_dir: str | Path) -> dict[str, Any]:
+class RunRecord(TypedDict):
+    """The fields of record.json (`new_record` writes them all; backends update them)."""
+
+    run_id: str
+    name: str
+    backend: str
+    state: str  # one of STATES
+    created_at: str
+    started_at: str | None
+    ended_at: str | None
+    world_size: int
+    exit_codes: dict[str, int | None]  # rank (as text: JSON keys) -> exit code
+    failed_rank: int | None
+    error: str | None
+    attempts: list[dict[str, Any]]  # Slurm: one per (re)start of the job
+    # supervisor_pid, rank_pids, supervisor, ranks, guards, stopped_ranks (local, docker:
+    # pids and process identities); container_id, container_name, image (docker); job_id,
+    # folder (slurm). Pids here are what `cancel` signals, so they are checked.
+    backend_info: dict[str, Any]
+    config_file: str | None
+    submitted_at: NotRequired[str | None]  # slurm, sweeps
+    sweep_dir: NotRequired[str]  # a sweep point's run
+    slurm_state: NotRequired[str]
+    container_exit_code: NotRequired[int | None]
+    submitter: NotRequired[dict[str, Any] | None]  # identity of the process submitting it
+    cancel_requested_at: NotRequired[str | None]  # slurm: `launcher cancel` asked for it
+    warning: NotRequired[str | None]  # local: ranks stopped (SIGSTOP) while the run goes on
+
+
+# Upper bounds of numbers that become sizes or kill(2) targets: Linux's largest pid_max, and a
+# world size no cluster has (a bigger one would make `logs` list billions of rank files).
+PID_MAX = 1 << 22
+MAX_WORLD_SIZE = 1 << 20
+# A record is a few KiB even after thousands of requeues; anything bigger is not one, and
+# `launcher status` must not read a runaway file into memory to find that out.
+MAX_RECORD_BYTES = 1 << 20
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return _is_int(value) and 0 <= cast(int, value) <= MAX_WORLD_SIZE
+
+
+def _is_pid(value: object) -> bool:
+    # 0 and negative numbers mean "my process group" / "every process" to kill(2).
+    return _is_int(value) and 0 < cast(int, value) <= PID_MAX
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_identity(value: object) -> bool:
+    """A process identity (backends/local/guard.py: pid, start time, boot id, pid namespace)
+    or None; its pid is what gets signalled once the rest matches."""
+    if value is None:
+        return True
+    if not isinstance(value, dict):
+        return False
+    return (
+        ("pid" not in value or _is_pid(value["pid"]))
+        and ("start_ticks" not in value or _is_int(value["start_ticks"]))
+        and all(isinstance(value.get(k, ""), str) for k in ("boot_id", "pid_ns"))
+    )
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_dict_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def _opt(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _str_map(check: Callable[[object], bool]) -> Callable[[object], bool]:
+    def checked(value: object) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and check(v) for k, v in value.items()
+        )
+
+    return checked
+
+
+# key -> (check, what it must be); the optional keys may be absent.
+_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "run_id": (_is_name, "a non-empty string"),
+    "name": (_is_str, "a string"),
+    "backend": (_is_name, "a non-empty string"),
+    "state": (lambda v: v in STATES, f"one of {', '.join(STATES)}"),
+    "created_at": (_is_str, "a time stamp (string)"),
+    "started_at": (_opt(_is_str), "a time stamp (string) or null"),
+    "ended_at": (_opt(_is_str), "a time stamp (string) or null"),
+    "world_size": (_is_count, f"a whole number from 0 to {MAX_WORLD_SIZE}"),
+    "exit_codes": (_str_map(_opt(_is_int)), "an object of rank -> exit code (or null)"),
+    "failed_rank": (_opt(_is_count), "a rank (whole number >= 0) or null"),
+    "error": (_opt(_is_str), "a string or null"),
+    "attempts": (_is_dict_list, "a list of objects"),
+    "backend_info": (_str_map(lambda _: True), "an object"),
+    "config_file": (_opt(_is_str), "a file path (string) or null"),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "submitted_at": (_opt(_is_str), "a time stamp (string) or null"),
+    "sweep_dir": (_is_str, "a folder path (string)"),
+    "slurm_state": (_is_str, "a string"),
+    "container_exit_code": (_opt(_is_int), "a whole number or null"),
+    "submitter": (_is_identity, "a process identity (object with a valid pid) or null"),
+    "cancel_requested_at": (_opt(_is_str), "a time stamp (string) or null"),
+    "warning": (_opt(_is_str), "a string or null"),
+}
+_BACKEND_INFO: dict[str, tuple[Callable[[object], bool], str]] = {
+    "supervisor_pid": (_is_pid, f"a process id (1 to {PID_MAX})"),
+    "rank_pids": (_str_map(_is_pid), f"an object of rank -> process id (1 to {PID_MAX})"),
+    "supervisor": (_is_identity, "a process identity (object with a valid pid) or null"),
+    "ranks": (_str_map(_is_identity), "an object of rank -> process identity"),
+    "guards": (_str_map(_is_identity), "an object of rank -> process identity"),
+    "stopped_ranks": (_str_map(_is_str), "an object of rank -> text"),
+    "job_id": (_is_str, "a string"),
+    "folder": (_is_str, "a folder path (string)"),
+    "container_id": (_is_str, "a string"),
+    "container_name": (_is_str, "a string"),
+    "image": (_is_str, "a string"),
+}
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = _REPR.repr(value)  # bounded; strings through repr(), so controls come out escaped
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# A real record nests four levels (record, attempts, attempt, value); a much deeper one is
+# not a record, and printing or re-encoding it could hit Python's recursion limit.
+MAX_RECORD_DEPTH = 16
+
+
+def _too_deep(value: object) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_RECORD_DEPTH:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _problem(
+    table: dict[str, tuple[Callable[[object], bool], str]],
+    where: dict[str, object],
+    *,
+    required: bool,
+    prefix: str = "",
+) -> str | None:
+    for key, (check, expected) in table.items():
+        if key not in where:
+            if required:
+                return f"{prefix}{key}: missing (expected {expected})"
+        elif not check(where[key]):
+            return f"{prefix}{key}: expected {expected}, got {_shown(where[key])}"
+    return None
+
+
+def record_problem(value: object) -> str | None:
+    """What makes `value` (parsed record.json) not a run record, or None when it is one."""
+    if not isinstance(value, dict):
+        return f"expected a JSON object, got {type(value).__name__} {_shown(value)}"
+    return (
+        _problem(_FIELDS, value, required=True)
+        or _problem(_OPTIONAL_FIELDS, value, required=False)
+        or _problem(_BACKEND_INFO, value["backend_info"], required=False, prefix="backend_info.")
+    )
+
+
+def _os_why(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link (launcher writes records as plain files)"
+    return f"cannot read it: {exc.strerror or exc}"
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 16))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_record(run_dir: str | Path) -> RunRecord:
+    """The run's record, checked field by field: RunNotFound when there is none,
+    DamagedRecord (one line: file and why) when it is unreadable, not JSON, or not a record."""
     path = Path(run_dir) / RECORD
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
+        # NONBLOCK: a FIFO planted as record.json must not hang `launcher status`.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise RunNotFound(f"{run_dir}: no run record ({RECORD}) there") from exc
+    except OSError as exc:
+        raise DamagedRecord(str(path), _os_why(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a plain file"
+            raise DamagedRecord(str(path), f"is {kind} (a record is a JSON file)")
+        if info.st_size > MAX_RECORD_BYTES:
+            raise DamagedRecord(
+                str(path), f"{info.st_size} bytes; a record is at most {MAX_RECORD_BYTES} bytes"
+            )
+        data = _read_at_most(fd, MAX_RECORD_BYTES + 1)
+    except OSError as exc:
+        raise DamagedRecord(str(path), _os_why(exc)) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_RECORD_BYTES:  # grew while we read it
+        raise DamagedRecord(str(path), f"more than {MAX_RECORD_BYTES} bytes")
+    if not data.strip():
+        raise DamagedRecord(str(path), "empty file (expected a JSON object)")
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise DamagedRecord(str(path), "not JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raise DamagedRecord(str(path), f"not JSON: {str(exc)[:200]}") from None
+    if _too_deep(value):
+        raise DamagedRecord(str(path), f"nested more than {MAX_RECORD_DEPTH} levels deep")
+    problem = record_problem(value)
+    if problem:
+        raise DamagedRecord(str(path), problem)
+    return cast(RunRecord, value)
 
 
-def write_record(run_dir: str | Path, record: dict[str, Any]) -> None:
-    atomic_write_json(Path(run_dir) / RECORD, record)
+def write_record(run_dir: str | Path, record: RunRecord | dict[str, Any]) -> None:
+    """Write the record atomically; one that read_record would reject is never written."""
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    problem = record_problem(json.loads(text))
+    if problem:
+        raise DamagedRecord(str(Path(run_dir) / RECORD), f"not written: {problem}")
+    atomic_write_text(Path(run_dir) / RECORD, text)
 
 
-def update_record(run_dir: str | Path, **changes: Any) -> dict[str, Any]:
+def update_record(run_dir: str | Path, **changes: Any) -> RunRecord:
     """Read-modify-write of the record. Single writer per run (the supervisor or the CLI)."""
-    record = read_record(run_dir)
-    record.update(changes)
+    record = cast(RunRecord, {**read_record(run_dir), **changes})
     write_record(run_dir, record)
     return record
 
 
 def new_record(
     *, run_id: str, name: str, backend: str, world_size: int, config_file: str | None
-) -> dict[str, Any]:
+) -> RunRecord:
     return {
         "run_id": run_id,
         "name": name,
@@ -134,19 +378,57 @@ def new_record(
     }
 
 
+class RunsDirError(LauncherError):
+    """The runs folder itself cannot be listed (not a folder, no permission)."""
+
+    exit_code = 2
+
+
+def scan_runs(runs_dir: str | Path) -> tuple[list[Path], dict[Path, str]]:
+    """The run folders under runs_dir (`<name>/<run_id>/` holding a record.json, readable or
+    not), oldest first, and the folders that could not be looked into, with why."""
+    root = Path(runs_dir)
+    if not os.path.lexists(root):
+        return [], {}
+    try:
+        names = sorted(os.scandir(root), key=lambda e: e.name)
+    except NotADirectoryError:
+        raise RunsDirError(f"{root}: the runs dir is not a folder") from None
+    except OSError as exc:
+        raise RunsDirError(f"{root}: cannot list the runs dir: {exc.strerror or exc}") from None
+    found: list[Path] = []
+    unreadable: dict[Path, str] = {}
+    for name in names:
+        if name.name.startswith(".") or not name.is_dir(follow_symlinks=False):
+            continue
+        try:
+            entries = sorted(os.scandir(name.path), key=lambda e: e.name)
+        except OSError as exc:
+            unreadable[Path(name.path)] = f"cannot list this folder: {exc.strerror or exc}"
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                os.lstat(os.path.join(entry.path, RECORD))
+            except FileNotFoundError:
+                continue  # not a run folder (a sweep's folder, say)
+            except OSError as exc:
+                unreadable[Path(entry.path)] = f"cannot look into it: {exc.strerror or exc}"
+                continue
+            found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.name), unreadable
+
+
 def iter_run_dirs(runs_dir: str | Path) -> Iterator[Path]:
     """Every run folder under runs_dir, oldest first."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return
-    found = [p.parent for p in root.glob(f"*/*/{RECORD}")]
-    yield from sorted(found, key=lambda p: p.name)
+    yield from scan_runs(runs_dir)[0]
 
 
 def find_run(runs_dir: str | Path, ref: str) -> Path:
     """A run by path, by run id, or by job name (its latest run)."""
     direct = Path(ref)
-    if (direct / RECORD).is_file():
+    if os.path.lexists(direct / RECORD):  # damaged or not: read_record says which
         return direct
     runs = list(iter_run_dirs(runs_dir))
     by_id = [p for p in runs if p.name == ref or p.name.startswith(ref)]
@@ -160,14 +442,52 @@ def find_run(runs_dir: str | Path, ref: str) -> Path:
     raise RunNotFound(f"no run '{ref}' under {runs_dir} (see `launcher status`)")
 
 
-def tail(path: str | Path, lines: int = 20) -> str:
-    """The last lines of a log file (reads only the end of big files)."""
+def open_plain(path: str | Path) -> BinaryIO:
+    """Open a file for reading only when it is a plain file: a FIFO or device planted in a
+    run folder (as a log, say) must not block `status` or stream to the terminal forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        with open(path, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a plain file", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def tail(path: str | Path, lines: int = 20) -> str:
+    """The last lines of a log file (reads only the end of big files), as printable text."""
+    try:
+        with open_plain(path) as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             fh.seek(max(0, size - 64 * 1024))
             data = fh.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(data.splitlines()[-lines:])
+    except OSError as exc:
+        return printable(f"(cannot read {path}: {exc.strerror or exc})")
+    return printable("\n".join(data.splitlines()[-lines:]), keep_lines=True)
+
+
+# What a terminal may act on: C0 and C1 controls (ESC starts colour, cursor, title and
+# hyperlink sequences; CR overwrites a line), DEL, bidirectional overrides (text shown in
+# another order than it is), and lone surrogates (which cannot even be encoded for output).
+_OTHER_UNSAFE = r"\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_IN_LINE = re.compile(rf"[\x00-\x1f{_OTHER_UNSAFE}]")
+_UNSAFE_IN_LOG = re.compile(rf"[\x00-\x08\x0b-\x1f{_OTHER_UNSAFE}]")  # keeps \t and \n
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: object, *, keep_lines: bool = False) -> str:
+    """`text` safe to print to a terminal: every control character shown as `\\x1b` (or
+    `\\u202e`) instead of acting. keep_lines keeps newlines and tabs (log tails), turning
+    CRLF into LF; otherwise they are escaped too, so a value always stays on its line."""
+    text = str(text)
+    if keep_lines:
+        return _UNSAFE_IN_LOG.sub(_escape, text.replace("\r\n", "\n"))
+    return _UNSAFE_IN_LINE.sub(_escape, text)

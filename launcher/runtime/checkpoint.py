@@ -4,24 +4,33 @@ A checkpoint is one file `step-<step>.pt` in `$LAUNCHER_RUN_DIR/checkpoints/`. I
 to a hidden temp file in the same folder, fsynced, renamed into place and the folder fsynced:
 a crash or `kill -9` at any moment leaves either the old set of files or the new one, never
 a half-written `step-*.pt`. Leftover temp files of a killed writer are removed on the next save.
+A full disk (or quota) is one clear CheckpointError, with the previous checkpoint kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launcher.errors import CheckpointError
 from launcher.runs import atomic_write
 
 PATTERN = re.compile(r"step-(\d+)\.pt")
 TMP_PREFIX = ".step-"
 TMP_SUFFIX = ".tmp"
 FORMAT = 1
+NO_ROOM = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (file system or process file size limit)",
+}
 
 
 def path_for(folder: Path, step: int) -> Path:
@@ -57,14 +66,54 @@ def save(folder: Path, step: int, state: dict[str, Any], *, keep_last: int) -> P
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(folder)
     final = path_for(folder, step)
-    atomic_write(
-        final,
-        lambda fh: torch.save({"format": FORMAT, **state}, fh),
-        prefix=f"{TMP_PREFIX}{step:09d}.",
-        suffix=TMP_SUFFIX,
-    )
+    try:
+        atomic_write(
+            final,
+            lambda fh: torch.save({"format": FORMAT, **state}, fh),
+            prefix=f"{TMP_PREFIX}{step:09d}.",
+            suffix=TMP_SUFFIX,
+        )
+    except (OSError, RuntimeError) as exc:
+        code = _no_room_errno(exc)
+        if code is None:
+            raise
+        raise CheckpointError(
+            f"checkpoint not written: {NO_ROOM[code]} at {final} "
+            f"({_size(shutil.disk_usage(folder).free)} free); {_kept(folder)}"
+        ) from exc
     prune(folder, keep_last)
     return final
+
+
+def _no_room_errno(exc: BaseException) -> int | None:
+    """The errno of a full disk behind `exc`: torch.save reports the OSError of the failed
+    write as a RuntimeError ("unexpected pos ...") whose context is that OSError."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_ROOM:
+            return current.errno
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} bytes"
+    value, unit = count / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+def _kept(folder: Path) -> str:
+    done = list_checkpoints(folder)
+    if not done:
+        return "there is no earlier checkpoint"
+    return f"the previous checkpoint is kept ({done[-1][1].name})"
 
 
 def prune(folder: Path, keep_last: int) -> list[Path]:
