@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NotRequired, TypedDict, cast
 
 from launcher.errors import DamagedRecord, LauncherError, RunNotFound
+from launcher.files import open_regular
 
 RECORD = "record.json"
 CONFIG = "config.yaml"
@@ -443,16 +444,10 @@ def find_run(runs_dir: str | Path, ref: str) -> Path:
 
 
 def open_plain(path: str | Path) -> BinaryIO:
-    """Open a file for reading only when it is a plain file: a FIFO or device planted in a
-    run folder (as a log, say) must not block `status` or stream to the terminal forever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a plain file", str(path))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+    """Open a file for reading only when it is a plain file (symlinks followed): a FIFO or
+    device planted in a run folder (as a log, say) must not block `status` or stream to the
+    terminal forever."""
+    return open_regular(path, follow_symlinks=True)
 
 
 def tail(path: str | Path, lines: int = 20) -> str:

@@ -19,11 +19,12 @@ PKG = ROOT / "launcher"
 # Lower layers first; a module may import its own layer's modules or lower ones only.
 # `cli` sits on top and nothing imports it.
 LAYERS: list[tuple[str, ...]] = [
-    ("launcher", "launcher.errors", "launcher.spec", "launcher.ports"),
+    ("launcher", "launcher.errors", "launcher.spec", "launcher.ports", "launcher.files"),
     ("launcher.schema", "launcher.hardware", "launcher.triage"),
     ("launcher.config", "launcher.runs", "launcher.entrypoint", "launcher.call"),
     ("launcher.runtime", "launcher.data", "launcher.image"),
     ("launcher.backends",),
+    ("launcher.preflight", "launcher.doctor"),
     ("launcher.sweep",),
     ("launcher.cli", "launcher.__main__"),
 ]

@@ -111,6 +111,8 @@ def test_missing_record_is_run_not_found_not_damaged(tmp_path):
         (json.dumps(good_record(backend_info=[])), "backend_info: expected an object"),
         (json.dumps(good_record(world_size=float("nan"))), "world_size: expected"),
     ],
+    # Ids by position: the records carry timestamps, and xdist workers must collect the same ids.
+    ids=lambda value: None if isinstance(value, str) and len(value) < 60 else "",
 )
 def test_each_kind_of_damage_is_one_line_naming_the_file(tmp_path, content, why):
     assert why in damaged_why(run_dir_with(tmp_path, content))

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from launcher.data.paths import MAX_PATH_BYTES, UnsafeName, check_name, file_kind, safe_parts
+from launcher.data.paths import MAX_PATH_BYTES, UnsafeName, check_name, safe_parts
 from launcher.data.paths import shown as _shown
 from launcher.errors import DataError
+from launcher.files import file_kind
 
 CHUNK = 1 << 20
 # A zip stores a symlink's target as the member's content.

@@ -31,14 +31,13 @@ from launcher.data import archive
 from launcher.data.paths import (
     UnsafeName,
     check_name,
-    file_kind,
-    open_regular,
     safe_join,
     safe_parts,
     shown,
     url_filename,
 )
 from launcher.errors import DataError
+from launcher.files import file_kind, open_regular
 from launcher.runs import atomic_write_json, fsync_dir
 from launcher.spec import DataSourceSpec, DataSpec
 

@@ -14,13 +14,10 @@ device never (opening a FIFO blocks; /dev/zero never ends).
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import unicodedata
 import urllib.parse
 from pathlib import Path
-from typing import BinaryIO
 
 # NAME_MAX of ext4, xfs, btrfs, NFS and APFS, in bytes of the encoded name.
 MAX_NAME_BYTES = 255
@@ -112,44 +109,3 @@ def shown(name: str, limit: int = 80) -> str:
     """repr() cut to a readable length: error messages stay one short line."""
     text = repr(name)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-def file_kind(mode: int) -> str:
-    """What a non-regular file is, in words, for messages."""
-    kinds = (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISLNK, "a symlink"),
-    )
-    return next((text for test, text in kinds if test(mode)), "not a regular file")
-
-
-class NotRegular(OSError):
-    """open_regular found something other than a regular file (and did not read it)."""
-
-
-def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a regular file for reading; NotRegular for anything else, symlinks included.
-
-    O_NONBLOCK: if a FIFO replaced the file since the caller looked, the open returns at once
-    instead of waiting for a writer; fstat then refuses it before any read.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-            raise NotRegular(f"{path} is a symlink") from None
-        raise
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise NotRegular(f"{path} is {file_kind(mode)}, not a regular file")
-        os.set_blocking(fd, True)
-        return open(fd, "rb", closefd=True)
-    except BaseException:
-        os.close(fd)
-        raise

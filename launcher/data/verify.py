@@ -29,10 +29,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from launcher.data.paths import NotRegular, UnsafeName, file_kind, open_regular, safe_parts, shown
+from launcher.data.paths import UnsafeName, safe_parts, shown
 from launcher.errors import DataError
+from launcher.files import NotRegular, file_kind, open_regular
 from launcher.runs import atomic_write_text
 
 MANIFEST_NAME = "SHA256SUMS"
@@ -187,7 +188,7 @@ def _check_image(fh: BinaryIO) -> str | None:
     return None
 
 
-def _read_to_end(opener: Callable[[BinaryIO], BinaryIO], fh: BinaryIO, kind: str) -> str | None:
+def _read_to_end(opener: Callable[[BinaryIO], Any], fh: BinaryIO, kind: str) -> str | None:
     import lzma
     import zlib
 
@@ -278,10 +279,10 @@ def _check_format(name: str, fh: BinaryIO, size: int) -> str | None:
     if lower.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
         return _check_tar(fh)
     if ext in (".gz", ".bz2", ".xz"):
-        openers: dict[str, Callable[[BinaryIO], BinaryIO]] = {
+        openers: dict[str, Callable[[BinaryIO], Any]] = {
             ".gz": lambda f: gzip.GzipFile(fileobj=f, mode="rb"),
-            ".bz2": bz2.BZ2File,
-            ".xz": lzma.LZMAFile,
+            ".bz2": lambda f: bz2.BZ2File(f),
+            ".xz": lambda f: lzma.LZMAFile(f),
         }
         return _read_to_end(openers[ext], fh, ext[1:])
     if ext in (".zip", ".npz"):

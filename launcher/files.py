@@ -1,0 +1,58 @@
+"""Reading files that came from outside without being fooled by what they are.
+
+A FIFO, device or socket planted where a log, record, manifest or data file should be must
+not block a command or stream to the terminal forever: only a regular file is opened.
+Standard library only; every layer may use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import BinaryIO
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for messages."""
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    )
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+class NotRegular(OSError):
+    """open_regular found something other than a regular file (and did not read it)."""
+
+
+def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> BinaryIO:
+    """Open a regular file for reading; NotRegular for anything else (and for a symlink,
+    unless follow_symlinks).
+
+    O_NONBLOCK: if a FIFO replaced the file since the caller looked, the open returns at once
+    instead of waiting for a writer; fstat then refuses it before any read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_symlinks:  # O_NOFOLLOW met a symlink
+            raise NotRegular(f"{os.fspath(path)} is a symlink") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = file_kind(mode)
+            raise NotRegular(f"{os.fspath(path)} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
