@@ -22,6 +22,7 @@ SHM_PER_WORKER = 256 * 1024**2
 MEM_PER_WORKER = 1 * 1024**3
 MAX_WORKERS = 16
 ENV_PREFIX = "LAUNCHER_"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,29 @@ class LoaderPicks:
     persistent_workers: bool
     prefetch_factor: int | None
     reasons: dict[str, str] = field(default_factory=dict)
+    # `num_workers: auto`: the values above are the rule's, the first candidate of a
+    # measurement (launcher.runtime.autotune) that the job makes where it runs.
+    measure_workers: bool = False
+    measure_pin: bool = False
 
     def as_env(self) -> dict[str, str]:
         """How scripts receive the picks (read them back with `picks_from_env`)."""
-        return {
+        env = {
             f"{ENV_PREFIX}NUM_WORKERS": str(self.num_workers),
             f"{ENV_PREFIX}PIN_MEMORY": "1" if self.pin_memory else "0",
             f"{ENV_PREFIX}PERSISTENT_WORKERS": "1" if self.persistent_workers else "0",
             f"{ENV_PREFIX}PREFETCH_FACTOR": str(self.prefetch_factor or 0),
         }
+        if self.measure_workers or self.measure_pin:
+            env[f"{ENV_PREFIX}LOADER_MEASURE"] = ",".join(
+                name
+                for name, on in (
+                    ("num_workers", self.measure_workers),
+                    ("pin_memory", self.measure_pin),
+                )
+                if on
+            )
+        return env
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +190,55 @@ def _gib(n: int | None) -> str:
     return "unknown" if n is None else f"{n / 1024**3:.1f} GiB"
 
 
+def worker_cap(hw: Hardware, local_world_size: int) -> tuple[int, str]:
+    """The most workers one process may get from memory, /dev/shm and MAX_WORKERS."""
+    procs = max(1, local_world_size)
+    caps = []
+    if hw.mem_bytes is not None:
+        caps.append((int(hw.mem_bytes // procs // MEM_PER_WORKER), f"memory {_gib(hw.mem_bytes)}"))
+    if hw.shm_bytes is not None:
+        caps.append(
+            (int(hw.shm_bytes // procs // SHM_PER_WORKER), f"/dev/shm {_gib(hw.shm_bytes)}")
+        )
+    caps.append((MAX_WORKERS, f"at most {MAX_WORKERS} workers per process"))
+    cap, what = min(caps, key=lambda c: c[0])
+    return max(0, cap), what
+
+
+def rule_workers(hw: Hardware, local_world_size: int) -> tuple[int, str]:
+    """The fixed rule: 2 workers per CPU of each process, none under 2 CPUs, capped."""
+    procs = max(1, local_world_size)
+    per_proc = hw.cpus // procs
+    # Measured on 2 CPUs (bench/loader_picks.py): one worker per spare CPU is no faster than
+    # loading in the main process (moving batches between processes costs about what the
+    # spare core gains), while 2 workers per CPU keep the cores busy through the copies.
+    workers = 2 * per_proc if per_proc >= 2 else 0
+    why = f"{hw.cpus} CPUs ({hw.cpus_source}) / {procs} processes = {per_proc} per process; " + (
+        "2 workers per CPU" if per_proc >= 2 else "under 2 each: load in the main process"
+    )
+    cap, what = worker_cap(hw, procs)
+    if cap < workers:
+        workers, why = cap, f"{why}; capped by {what}"
+    return workers, why
+
+
+def worker_candidates(hw: Hardware, local_world_size: int) -> list[int]:
+    """What `num_workers: auto` races: the rule's pick first, then 0, 1, CPUs/2, CPUs, 2xCPUs.
+
+    Per process, within the memory and /dev/shm caps. A handful, not a grid: the bench
+    (bench/loader_auto.py) finds the best of a full grid among these on its workloads.
+    """
+    procs = max(1, local_world_size)
+    per_proc = max(1, hw.cpus // procs)
+    rule, _ = rule_workers(hw, procs)
+    cap, _ = worker_cap(hw, procs)
+    out = [rule]
+    for w in (0, 1, per_proc // 2, per_proc, 2 * per_proc):
+        if w <= cap and w not in out:
+            out.append(w)
+    return out
+
+
 def pick_loader(
     hw: Hardware,
     local_world_size: int,
@@ -192,44 +256,32 @@ def pick_loader(
     reasons: dict[str, str] = {}
     gpu = hw.gpus > 0 if uses_gpu is None else uses_gpu
 
-    if loader.num_workers is not None:
+    measure_workers = loader.num_workers == AUTO
+    if isinstance(loader.num_workers, int) and not measure_workers:
         workers = loader.num_workers
         reasons["num_workers"] = "set in the config"
     else:
-        per_proc = hw.cpus // procs
-        # Measured on 2 CPUs (bench/loader_picks.py): one worker per spare CPU is no faster than
-        # loading in the main process (moving batches between processes costs about what the
-        # spare core gains), while 2 workers per CPU keep the cores busy through the copies.
-        workers = 2 * per_proc if per_proc >= 2 else 0
-        why = (
-            f"{hw.cpus} CPUs ({hw.cpus_source}) / {procs} processes = {per_proc} per process; "
-            + ("2 workers per CPU" if per_proc >= 2 else "under 2 each: load in the main process")
-        )
-        caps = []
-        if hw.mem_bytes is not None:
-            caps.append(
-                (int(hw.mem_bytes // procs // MEM_PER_WORKER), f"memory {_gib(hw.mem_bytes)}")
-            )
-        if hw.shm_bytes is not None:
-            caps.append(
-                (int(hw.shm_bytes // procs // SHM_PER_WORKER), f"/dev/shm {_gib(hw.shm_bytes)}")
-            )
-        caps.append((MAX_WORKERS, f"at most {MAX_WORKERS} workers per process"))
-        for cap, what in caps:
-            if cap < workers:
-                workers, why = max(0, cap), f"{why}; capped by {what}"
+        workers, why = rule_workers(hw, procs)
+        if measure_workers:
+            why = f"measured where the job runs; first candidate and fallback: {why}"
         reasons["num_workers"] = why
 
-    if loader.pin_memory is not None:
+    measure_pin = False
+    if isinstance(loader.pin_memory, bool):
         pin = loader.pin_memory
         reasons["pin_memory"] = "set in the config"
     else:
         pin = gpu
+        # With `num_workers: auto` (or `pin_memory: auto`) a GPU job measures pinned against
+        # pageable copies of its own batches; without a GPU there is nothing to measure.
+        measure_pin = gpu and (measure_workers or loader.pin_memory == AUTO)
         reasons["pin_memory"] = (
             f"{hw.gpus} GPU(s): pinned host memory speeds up host-to-device copies"
             if gpu
             else "no GPU: pinning would only cost memory"
         )
+        if measure_pin:
+            reasons["pin_memory"] += " (measured where the job runs)"
 
     if loader.persistent_workers is not None:
         persistent = loader.persistent_workers and workers > 0
@@ -251,7 +303,12 @@ def pick_loader(
     else:
         prefetch = None
         reasons["prefetch_factor"] = "only used with workers"
-    return LoaderPicks(workers, pin, persistent, prefetch, reasons)
+    return LoaderPicks(workers, pin, persistent, prefetch, reasons, measure_workers, measure_pin)
+
+
+def lightning_rule(hw: Hardware, local_world_size: int) -> int:
+    """Lightning's suggestion (CPUs per process minus one), for comparison in the benches."""
+    return max(0, hw.cpus // max(1, local_world_size) - 1)
 
 
 def picks_from_env(environ: Mapping[str, str] | None = None) -> LoaderPicks | None:
@@ -261,12 +318,15 @@ def picks_from_env(environ: Mapping[str, str] | None = None) -> LoaderPicks | No
     if key not in environ:
         return None
     prefetch = int(environ.get(f"{ENV_PREFIX}PREFETCH_FACTOR", "0")) or None
+    measure = environ.get(f"{ENV_PREFIX}LOADER_MEASURE", "").split(",")
     return LoaderPicks(
         num_workers=int(environ[key]),
         pin_memory=environ.get(f"{ENV_PREFIX}PIN_MEMORY") == "1",
         persistent_workers=environ.get(f"{ENV_PREFIX}PERSISTENT_WORKERS") == "1",
         prefetch_factor=prefetch,
         reasons={"num_workers": "passed by the launcher"},
+        measure_workers="num_workers" in measure,
+        measure_pin="pin_memory" in measure,
     )
 
 

@@ -4,6 +4,7 @@
 takes num_workers / pin_memory / persistent_workers / prefetch_factor from the launcher's
 hardware picks (the config wins), and gives the loader its own seeded generator so creating
 an iterator never consumes the global torch RNG (that would shift dropout masks on resume).
+`num_workers="auto"` measures a few settings first (launcher.runtime.autotune).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from numbers import Number
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torch.utils.data._utils.collate import default_collate
 
-from launcher.hardware import LoaderPicks, detect, pick_loader, picks_from_env
+from launcher.hardware import AUTO, Hardware, LoaderPicks, detect, pick_loader, picks_from_env
+from launcher.runtime import autotune
 from launcher.spec import LoaderSpec
 
 LENGTHS = "lengths"
@@ -70,11 +72,13 @@ def resolve_picks(
         picks = pick_loader(detect(), local_world_size, loader_spec, uses_gpu=uses_gpu)
     else:
         reasons = dict(picks.reasons)
-        if loader_spec.num_workers is not None:
-            picks = replace(picks, num_workers=loader_spec.num_workers)
+        if loader_spec.num_workers == AUTO:
+            picks = replace(picks, measure_workers=True, measure_pin=picks.pin_memory)
+        elif isinstance(loader_spec.num_workers, int):
+            picks = replace(picks, num_workers=loader_spec.num_workers, measure_workers=False)
             reasons["num_workers"] = "set in the config"
-        if loader_spec.pin_memory is not None:
-            picks = replace(picks, pin_memory=loader_spec.pin_memory)
+        if isinstance(loader_spec.pin_memory, bool):
+            picks = replace(picks, pin_memory=loader_spec.pin_memory, measure_pin=False)
         if loader_spec.persistent_workers is not None:
             picks = replace(picks, persistent_workers=loader_spec.persistent_workers)
         if loader_spec.prefetch_factor is not None:
@@ -82,9 +86,9 @@ def resolve_picks(
         picks = replace(picks, reasons=reasons)
     if picks.num_workers == 0:
         picks = replace(picks, persistent_workers=False, prefetch_factor=None)
-    if uses_gpu is False and picks.pin_memory:
+    if uses_gpu is False and (picks.pin_memory or picks.measure_pin):
         reasons = {**picks.reasons, "pin_memory": "training on the CPU: nothing to pin for"}
-        picks = replace(picks, pin_memory=False, reasons=reasons)
+        picks = replace(picks, pin_memory=False, measure_pin=False, reasons=reasons)
     return picks
 
 
@@ -102,16 +106,30 @@ def make_loader(
     world_size: int | None = None,
     generator: torch.Generator | None = None,
     uses_gpu: bool | None = None,
+    num_workers: int | Literal["auto"] | None = None,
+    budget_s: float | None = None,
+    fingerprint: str | None = None,
 ) -> DataLoader:
     """A DataLoader over this rank's shard with the hardware picks.
 
     Call `loader.sampler.set_epoch(epoch)` at the start of each epoch (or use `batches`),
     or every epoch repeats the first one's order.
+
+    `num_workers="auto"` (or the launcher's `num_workers: auto`) measures the loader alone
+    before returning: a few worker counts race on batches of this dataset that are thrown
+    away (at most `budget_s`, 10 s by default); the training step is *not* in that figure, so
+    a script whose step is CPU-heavy may want fewer workers than it picks. The result is
+    remembered by dataset identity (`fingerprint`, else class, length and sample 0's shapes),
+    batch size, world size and hardware, and is in `loader.measured` (`autotune.Measured`).
+    The built-in trainer measures with its step running instead.
     """
     if rank is None or world_size is None:
         rank, world_size = _world()
     if uses_gpu is None:
         uses_gpu = torch.cuda.is_available()
+    if num_workers is not None:
+        loader_spec = replace(loader_spec or LoaderSpec(), num_workers=num_workers)
+        picks = None
     picks = picks or resolve_picks(loader_spec, uses_gpu=uses_gpu)
     sampler = ResumableSampler(
         dataset,
@@ -124,6 +142,20 @@ def make_loader(
     if generator is None:
         generator = torch.Generator()
         generator.manual_seed(seed * 1_000_003 + rank)
+    if picks.measure_workers or (picks.measure_pin and uses_gpu):
+        return _measured_loader(
+            dataset,
+            batch_size,
+            sampler=sampler,
+            picks=picks,
+            drop_last=drop_last,
+            collate_fn=collate_fn,
+            generator=generator,
+            uses_gpu=uses_gpu,
+            world_size=world_size,
+            budget_s=autotune.BUDGET_MIN_S if budget_s is None else budget_s,
+            fingerprint=fingerprint,
+        )
     kwargs: dict[str, Any] = {}
     if picks.num_workers > 0:
         kwargs["persistent_workers"] = picks.persistent_workers
@@ -140,6 +172,106 @@ def make_loader(
         generator=generator,
         **kwargs,
     )
+
+
+def tuner_for(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    sampler: ResumableSampler,
+    picks: LoaderPicks,
+    world_size: int,
+    local_world_size: int,
+    local_rank: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    generator: torch.Generator | None = None,
+    drop_last: bool = True,
+    uses_gpu: bool = False,
+    device: torch.device | None = None,
+    budget_s: float = autotune.BUDGET_MIN_S,
+    accum: int = 1,
+    workload: str = "",
+    fingerprint: str | None = None,
+    exchange: autotune.Exchange | None = None,
+    hw: Hardware | None = None,
+    cache: autotune.PicksCache | None = None,
+) -> autotune.LoaderTuner:
+    """A `LoaderTuner` keyed and cached the standard way (the trainer's and make_loader's)."""
+    hw = hw or detect()
+    parts = autotune.cache_key_parts(
+        dataset=autotune.dataset_identity(dataset, fingerprint),
+        batch_size=batch_size,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        hw=hw,
+        workload=workload,
+    )
+    return autotune.LoaderTuner(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        picks=picks,
+        hw=hw,
+        local_world_size=local_world_size,
+        collate_fn=collate_fn,
+        generator=generator,
+        drop_last=drop_last,
+        uses_gpu=uses_gpu,
+        device=device,
+        budget_s=budget_s,
+        accum=accum,
+        cache=cache or autotune.PicksCache(autotune.default_cache_path()),
+        key_parts=parts,
+        exchange=exchange,
+        local_rank=local_rank,
+    )
+
+
+def _measured_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    sampler: ResumableSampler,
+    picks: LoaderPicks,
+    world_size: int,
+    budget_s: float,
+    fingerprint: str | None,
+    **kwargs: Any,
+) -> DataLoader:
+    """make_loader's `auto`: race on batches that are thrown away, return the chosen loader.
+
+    Ranks of one script measure alone (no collective: a script may not have a process group,
+    or may build its loaders at different times); each remembers its own result.
+    """
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    tuner = tuner_for(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        picks=picks,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        budget_s=budget_s,
+        fingerprint=fingerprint,
+        workload="loader alone",
+        **kwargs,
+    )
+    epoch = 0
+    while tuner.loader is None or tuner.result is None:
+        sampler.set_epoch(epoch)
+        for _ in tuner.iterate():
+            if tuner.result is not None:
+                break
+        epoch += 1
+        if epoch > 1000:  # a dataset smaller than a slot: keep what is measured
+            tuner.race.stop("the dataset is too small to measure")
+    sampler.set_epoch(0)
+    sampler.set_start(0)
+    loader = tuner.loader
+    assert loader is not None
+    loader.measured = tuner.result
+    return loader
 
 
 def batches(loader: DataLoader, epoch: int, *, start: int = 0) -> Iterator[Any]:

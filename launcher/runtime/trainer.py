@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
@@ -33,9 +33,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from launcher.errors import ConfigError
-from launcher.runtime import EXIT_OK, REQUEUE_EXIT_CODE, STOP_SIGNALS, dist, models
+from launcher.runtime import EXIT_OK, REQUEUE_EXIT_CODE, STOP_SIGNALS, autotune, dist, models
 from launcher.runtime import checkpoint as ckpt
-from launcher.runtime.loader import ResumableSampler, make_loader, resolve_picks
+from launcher.runtime.loader import ResumableSampler, make_loader, resolve_picks, tuner_for
 from launcher.runtime.optim import (
     apply_activation_checkpointing,
     build_optimizer,
@@ -344,8 +344,14 @@ class _Trainer:
 
         self.build_model()
         self.generator = torch.Generator()  # reseeded per epoch in `epoch_batches`
+        self.tuner: autotune.LoaderTuner | None = None
+        self.loader_reported = False
         self.picks, self.loader = self.build_loader()
         self.sampler = cast(ResumableSampler, self.loader.sampler)
+        if self.picks.measure_workers or self.picks.measure_pin:
+            self.tuner = self.build_tuner()
+            if self.tuner.result is not None:  # remembered: known before the first step
+                self.picks = self.tuner.picks
         self.micro_per_epoch = self.sampler.num_samples // self.micro
         if self.micro_per_epoch < self.accum:
             raise ConfigError(
@@ -363,7 +369,8 @@ class _Trainer:
         self.metrics = MetricsLog(run_dir / METRICS_FILE, ctx.is_main)
         self.announce()
         self.control = _Control(ctx)
-        self.non_blocking = self.picks.pin_memory and self.uses_gpu
+        # Non-blocking copies are harmless from pageable memory, so a measured pin may go on.
+        self.non_blocking = (self.picks.pin_memory or self.picks.measure_pin) and self.uses_gpu
 
     # --- building ------------------------------------------------------------------------
 
@@ -385,18 +392,63 @@ class _Trainer:
             local_world_size=self.ctx.env.local_world_size,
             uses_gpu=self.uses_gpu,
         )
+        # With `auto` this loader only holds the sampler: the tuner builds the ones that load.
+        fixed = replace(picks, measure_workers=False, measure_pin=False)
         loader = make_loader(
             self.built.dataset,
             self.micro,
             seed=self.train.seed,
             collate_fn=self.built.collate_fn,
-            picks=picks,
+            picks=fixed,
             rank=self.rank,
             world_size=self.world,
             generator=self.generator,
             uses_gpu=self.uses_gpu,
         )
         return picks, loader
+
+    def build_tuner(self) -> autotune.LoaderTuner:
+        """`num_workers: auto`: race worker counts on this job's first steps (every rank)."""
+        spec_loader = self.spec.loader
+        budget = spec_loader.measure_budget_s
+        if budget is None:
+            budget = autotune.default_budget_s(self.spec.resources.time_min)
+        t = self.train
+        # What the step costs depends on: another model or precision measures again.
+        workload = json.dumps(
+            {
+                "model": t.model,
+                "model_kwargs": t.model_kwargs,
+                "dataset": t.dataset,
+                "dataset_kwargs": t.dataset_kwargs,
+                "collate": t.collate,
+                "precision": t.precision,
+                "accumulation": self.accum,
+                "activation_checkpointing": list(t.activation_checkpointing),
+                "optimizer": t.optimizer.name,
+                "device": self.device.type,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return tuner_for(
+            self.built.dataset,
+            self.micro,
+            sampler=self.sampler,
+            picks=self.picks,
+            world_size=self.world,
+            local_world_size=self.ctx.env.local_world_size,
+            local_rank=self.ctx.env.local_rank,
+            collate_fn=self.built.collate_fn,
+            generator=self.generator,
+            uses_gpu=self.uses_gpu,
+            device=self.device,
+            budget_s=budget,
+            accum=self.accum,
+            workload=workload,
+            fingerprint=spec_loader.fingerprint,
+            exchange=autotune.Exchange(self.ctx.control, self.ctx.distributed),
+        )
 
     def wrap(self) -> torch.nn.Module:
         """The module the steps call: DDP around the model when there are several ranks."""
@@ -492,6 +544,9 @@ class _Trainer:
     def loop(self) -> None:
         """Epochs of steps; an epoch ends when fewer micro batches are left than a step needs."""
         train = self.train
+        if self.tuner is not None:
+            # The race never plans past the job's last step (known only after a resume).
+            self.tuner.batches_left = (train.steps - self.step) * self.accum
         while self.step < train.steps and not self.stopping:
             start = self.samples_in_epoch // self.world
             micro_left = self.micro_per_epoch - start // self.micro
@@ -511,6 +566,8 @@ class _Trainer:
         self.sampler.set_start(start)
         # Worker seeds depend on (seed, rank, epoch) only, never on the global RNG.
         self.generator.manual_seed(rank_seed(self.train.seed, self.rank, self.epoch))
+        if self.tuner is not None:
+            return self.tuner.iterate()
         return iter(self.loader)
 
     def train_step(self, batches: Iterator[Any]) -> None:
@@ -524,6 +581,8 @@ class _Trainer:
         flagged, done = self.control.finish()
         self.record(lr, loss, time.perf_counter() - t0)
         self.emit(done)
+        if self.tuner is not None and self.tuner.result is not None and not self.loader_reported:
+            self.report_loader(self.tuner.result)
         self.stopping = flagged if self.ctx.distributed else self.stop.requested
         if (
             self.stopping
@@ -660,6 +719,25 @@ class _Trainer:
                 parameters=n_params,
                 train=to_dict(self.train),
             )
+
+    def report_loader(self, result: autotune.Measured) -> None:
+        """The measured loader settings: a log line and a `loader` event in metrics.jsonl."""
+        self.loader_reported = True
+        assert self.tuner is not None
+        self.picks = self.tuner.picks
+        if self.ctx.is_main:
+            overhead = "" if result.overhead_s is None else f", {result.overhead_s:.1f} s lost"
+            self.log.info(
+                "loader: num_workers=%d pin_memory=%s (%s: %s; %d batches in %.1f s%s)",
+                result.num_workers,
+                result.pin_memory,
+                result.source,
+                result.why,
+                result.batches,
+                result.seconds,
+                overhead,
+            )
+        self.metrics.event("loader", step=self.step, **result.to_dict())
 
     def report_end(self) -> None:
         """An end event, or after a stop: wait for every rank, then log and record the stop."""

@@ -1,0 +1,304 @@
+"""`num_workers: auto` against a full grid, the fixed rule and Lightning's rule, in one run.
+
+    python bench/loader_auto.py [--repeats 3] [--procs 1 2] [--workloads decode memory ...]
+
+Each workload is a real built-in-trainer job (this file's `build_model` / `build_dataset`
+hooks) that differs in per-sample cost, sample size and step cost. For 1 process and for
+2 processes (two gloo ranks on this machine, as 2 local ranks of a job), it trains:
+- with every num_workers from 0 to 2 x CPUs per process (the grid), and
+- with `num_workers: auto` (remembering nothing: LAUNCHER_LOADER_CACHE=off),
+in alternating order, `--repeats` times, and reports per workload the median samples/s of
+each grid point (steady state: the second half of the steps), the best, and as a share of
+the best: auto's choice (median and worst over the repeats), the fixed rule (2 per CPU,
+none under 2 CPUs per process) and Lightning's (CPUs per process - 1). It also prints what
+the race cost (its seconds and the seconds lost against the best setting).
+Target: auto >= 95% of the best on every workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+
+# name: (dataset kwargs, model kwargs, micro batch, steps); step cost from the model width.
+WORKLOADS: dict[str, dict] = {
+    # CPU-heavy decode-like samples, a tiny step: workers help.
+    "decode": {"data": {"kind": "decode", "work": 10}, "model": {"width": 32}, "batch": 16},
+    # In-memory samples, a heavy step: workers only add copies and steal the step's CPUs.
+    "memory": {"data": {"kind": "memory"}, "model": {"width": 384}, "batch": 64},
+    # Big samples (192 KiB each), cheap to make: the cost is moving them between processes.
+    "big": {"data": {"kind": "big"}, "model": {"width": 64}, "batch": 32},
+    # Some per-sample work and a step of about the same cost: the CPUs are contended.
+    "balanced": {"data": {"kind": "decode", "work": 5}, "model": {"width": 512}, "batch": 16},
+}
+STEPS_FIXED = 90
+STEPS_AUTO = 200
+
+
+# --- the workloads (imported by the trainer as `loader_auto:build_...`) ---------------------
+
+
+class BenchData:
+    """Map-style dataset; every sample a function of its index (exact resume holds)."""
+
+    def __init__(self, kind: str = "decode", size: int = 4096, work: int = 4, dim: int = 64):
+        self.kind, self.size, self.work, self.dim = kind, size, work, dim
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        if kind == "memory":
+            self.x = torch.randn(size, dim, generator=g)
+        if kind == "big":
+            self.base = torch.randn(3, 128, 128, generator=g)
+        self.y = torch.randint(0, 8, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        import numpy as np
+        import torch
+
+        if self.kind == "memory":
+            return self.x[i], self.y[i]
+        if self.kind == "big":
+            x = self.base * (1.0 + (i % 7) * 0.01)
+            return x, self.y[i]
+        # decode-like: repeated small image ops on a 64x64 float image, `work` rounds.
+        rng = np.random.default_rng(i)
+        img = rng.random((64, 64), dtype=np.float32)
+        for _ in range(self.work):
+            img = np.sqrt(np.abs(np.fft.ifft2(np.fft.fft2(img) * 0.5)).astype(np.float32) + 0.1)
+        feat = torch.from_numpy(img[:8, :8].reshape(-1).copy())
+        return feat, self.y[i]
+
+
+def build_dataset(**kwargs):
+    return BenchData(**kwargs)
+
+
+
+def build_model(width: int = 64, kind: str = ""):
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.width = width
+            self.net = torch.nn.Sequential(
+                torch.nn.LazyLinear(width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(width, width),
+                torch.nn.ReLU(),
+                torch.nn.Linear(width, 8),
+            )
+
+        def forward(self, batch):
+            x, y = batch
+            if x.dim() == 4:  # big images: pooled first, so moving them is the cost
+                x = torch.nn.functional.adaptive_avg_pool2d(x, 16)
+            x = x.reshape(x.shape[0], -1)
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    net = Net()
+    probe = {"big": 3 * 16 * 16}.get(kind, 64)
+    net.net(torch.zeros(1, probe))  # materialise the lazy layer before the optimizer sees it
+    return net
+
+
+# --- one process of a group: a list of jobs in order ---------------------------------------
+
+
+def steady_rate(metrics: Path) -> float:
+    """samples/s over the second half of the steps (after start-up and any race)."""
+    steps = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "event" not in rec and "step" in rec:
+            steps[rec["step"]] = rec
+    last = max(steps)
+    window = [steps[s] for s in sorted(steps) if s > last // 2]
+    batch = window[0]["samples_per_s"] * window[0]["step_time_s"]
+    return len(window) * batch / sum(r["step_time_s"] for r in window)
+
+
+def child(args: argparse.Namespace) -> None:
+    from launcher import schema
+    from launcher.runtime.trainer import train
+    from launcher.spec import JobSpec
+
+    sys.path.insert(0, str(HERE))
+    jobs = json.loads(args.jobs)
+    w = WORKLOADS[args.workload]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base_port = int(os.environ.get("MASTER_PORT", "29500"))
+    for n, workers in enumerate(jobs):
+        auto = workers == "auto"
+        steps = STEPS_AUTO if auto else STEPS_FIXED
+        data = {"size": max(4096, steps * w["batch"] * world)} | w["data"]
+        config = {
+            "name": "bench",
+            "loader": {"num_workers": workers, "measure_budget_s": 60},
+            "train": {
+                "model": "loader_auto:build_model",
+                "model_kwargs": w["model"] | {"kind": w["data"]["kind"]},
+                "dataset": "loader_auto:build_dataset",
+                "dataset_kwargs": data,
+                "steps": steps,
+                "global_batch_size": w["batch"] * world,
+                "checkpoint_every": 10_000,
+                "log_every": 10_000,
+            },
+        }
+        spec = schema.build(JobSpec, config, file="bench.yaml")
+        run_dir = Path(args.out) / f"job{n}"
+        environ = dict(os.environ, MASTER_PORT=str(base_port + 1 + n))
+        t0 = time.perf_counter()
+        train(spec, run_dir, environ=environ, handle_signals=False)
+        wall = time.perf_counter() - t0
+        if int(os.environ.get("RANK", "0")) != 0:
+            continue
+        metrics = run_dir / "metrics.jsonl"
+        out: dict = {"workers": workers, "rate": steady_rate(metrics), "wall_s": wall}
+        if auto:
+            for line in metrics.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("event") == "loader":
+                    out["chosen"] = rec["num_workers"]
+                    out["race_s"] = rec["seconds"]
+                    out["overhead_s"] = rec["overhead_s"]
+                    out["batches"] = rec["batches"]
+                    out["table"] = rec["table"]
+        print(json.dumps(out), flush=True)
+
+
+def run_group(procs: int, workload: str, jobs: list, port: int) -> list[dict]:
+    """`procs` ranks run the same jobs in the same order; rank 0's results."""
+    out = tempfile.mkdtemp(prefix="loader_auto.")
+    argv = [sys.executable, __file__, "--child", "--workload", workload]
+    argv += ["--jobs", json.dumps(jobs), "--out", out]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["LAUNCHER_LOADER_CACHE"] = "off"
+    env.pop("LAUNCHER_NUM_WORKERS", None)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(procs))
+    env["LOCAL_WORLD_SIZE"] = str(procs)
+    running = []
+    for rank in range(procs):
+        renv = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+        running.append(
+            subprocess.Popen(
+                argv, env=renv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        )
+    outs = [p.communicate()[0] for p in running]
+    if any(p.returncode for p in running):
+        raise SystemExit(f"{workload} x {procs}: a rank failed ({[p.returncode for p in running]})")
+    return [json.loads(line) for line in outs[0].splitlines() if line.startswith("{")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+
+    from launcher.hardware import detect, lightning_rule, rule_workers
+
+    hw = detect()
+    load = os.getloadavg()
+    print(
+        f"{hw.cpus} CPUs ({hw.cpus_source}), GPUs {hw.gpus}; load average at start "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.repeats} repeats, medians"
+    )
+    port = 31000 + os.getpid() % 1000 * 20
+    rows = []
+    for procs in args.procs:
+        grid = list(range(2 * hw.cpus // procs + 1))
+        rule = rule_workers(hw, procs)[0]
+        light = lightning_rule(hw, procs)
+        for workload in args.workloads:
+            rates: dict[int, list[float]] = {w: [] for w in grid}
+            autos: list[dict] = []
+            for r in range(args.repeats):
+                order: list = grid if r % 2 == 0 else grid[::-1]
+                jobs = order[: len(order) // 2] + ["auto"] + order[len(order) // 2 :]
+                port += 1 + len(jobs)
+                for res in run_group(procs, workload, jobs, port):
+                    if res["workers"] == "auto":
+                        autos.append(res)
+                    else:
+                        rates[res["workers"]].append(res["rate"])
+            med = {w: statistics.median(v) for w, v in rates.items()}
+            best_w = max(med, key=lambda w: med[w])
+            best = med[best_w]
+            shares = [med[a["chosen"]] / best for a in autos]
+            rows.append(
+                {
+                    "procs": procs,
+                    "workload": workload,
+                    "grid": med,
+                    "best": best_w,
+                    "auto": [a["chosen"] for a in autos],
+                    "auto_share_median": statistics.median(shares),
+                    "auto_share_worst": min(shares),
+                    "rule": rule,
+                    "rule_share": med[rule] / best,
+                    "lightning": light,
+                    "lightning_share": med[light] / best,
+                    "race_s": statistics.median(a["race_s"] for a in autos),
+                    "overhead_s": statistics.median(a["overhead_s"] or 0.0 for a in autos),
+                }
+            )
+            row = rows[-1]
+            print(
+                f"\n{workload} x {procs} proc(s): samples/s by num_workers "
+                + "  ".join(f"{w}:{med[w]:.0f}" for w in grid)
+            )
+            print(
+                f"  best {best_w} ({best:.0f}/s); auto chose {row['auto']} -> "
+                f"{row['auto_share_median']:.0%} (worst {row['auto_share_worst']:.0%}); "
+                f"rule {rule} -> {row['rule_share']:.0%}; lightning {light} -> "
+                f"{row['lightning_share']:.0%}; race {row['race_s']:.1f} s, "
+                f"{row['overhead_s']:.1f} s lost",
+                flush=True,
+            )
+    load = os.getloadavg()
+    print(f"\nload average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        "\n| workload | procs | best of grid | auto picks | auto (median / worst) | "
+        "rule (2/CPU) | Lightning (CPUs-1) | race s | lost s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['workload']} | {row['procs']} | {row['best']} | "
+            f"{','.join(map(str, row['auto']))} | {row['auto_share_median']:.0%} / "
+            f"{row['auto_share_worst']:.0%} | {row['rule']}: {row['rule_share']:.0%} | "
+            f"{row['lightning']}: {row['lightning_share']:.0%} | {row['race_s']:.1f} | "
+            f"{row['overhead_s']:.1f} |"
+        )
+    ok = all(row["auto_share_worst"] >= 0.95 for row in rows)
+    print(f"\nverdict: auto >= 95% of the best on every workload: {'yes' if ok else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
