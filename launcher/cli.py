@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print what would start; start nothing")
     p.add_argument("--detach", action="store_true", help="return at once; follow with `logs`")
     p.add_argument("--quiet", action="store_true", help="do not echo the ranks' output")
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="submit without the preflight checks (files, cluster policy, engine)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --dry-run: also run the preflight checks (they contact the cluster/engine)",
+    )
 
     p = sub.add_parser(
         "sweep",
@@ -53,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine, Slurm, Docker and (with CONFIG) a job: preflight and more",
+    )
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--json", action="store_true", help="the checks as a JSON list")
 
     p = sub.add_parser("status", help="state of runs (one batched query per backend)")
     p.add_argument("run", nargs="?", help="run id, job name or run dir (default: all runs)")
@@ -118,9 +136,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = runs.run_dir_for(spec.runs_dir, spec.name, run_id)
     backend = get_backend(spec.backend)
     plan = backend.plan(spec, run_id=run_id, run_dir=run_dir, config_file=loaded.file)
+    if args.check and not args.dry_run:
+        from launcher.errors import ConfigError
+
+        raise ConfigError(
+            "--check is for --dry-run (a real submit always runs the preflight checks)",
+            file="command line",
+            key="--check",
+        )
     if args.dry_run:
         print(plan.render())
+        if args.check:
+            from launcher import preflight
+
+            preflight.before_submit(backend, plan)
+            print("# preflight: every check passed")
         return 0
+    if not args.no_preflight:
+        from launcher import preflight
+
+        preflight.before_submit(backend, plan)
     print(f"launcher: run {run_id} ({spec.backend}) -> {run_dir}", file=sys.stderr)
     return backend.submit(plan, foreground=not args.detach, echo=not args.quiet)
 
@@ -403,6 +438,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     return data.run_manifest_command(Path(args.directory), jobs=args.jobs)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from launcher import doctor
+
+    return doctor.doctor(args.config, args.overrides, as_json=args.json)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from launcher import sweep
 
@@ -418,6 +459,7 @@ VERBS = {
     "hw": cmd_hw,
     "build": cmd_build,
     "data": cmd_data,
+    "doctor": cmd_doctor,
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypedDict, TypeVar
 
 from launcher.spec import JobSpec
 
@@ -49,6 +49,32 @@ class SlurmPayload:
     # The srun step the batch shell starts (scripts, built-in trainer); None for callables.
     step: list[str] | None
     script: str
+
+
+CheckStatus = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight (or `launcher doctor`) finding: what was checked, how it went, what was
+    found and how to fix it, and where in the config (file, dotted key) the fix goes."""
+
+    name: str
+    status: CheckStatus
+    found: str
+    fix: str = ""
+    file: str | None = None
+    key: str | None = None
+
+    def line(self) -> str:
+        """The one line a failed submit prints: file, key, what was found, how to fix it."""
+        where = self.file or "<config>"
+        if self.key:
+            where = f"{where}: {self.key}"
+        text = f"{where}: {self.found}"
+        if self.fix:
+            text = f"{text} ({self.fix})"
+        return " ".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,12 @@ class Backend(Protocol):
     def submit(self, plan: Plan[Any], *, foreground: bool = True, echo: bool = True) -> int:
         """Start the plan; writes the run dir and record. Returns a process exit code.
         `echo`: copy the ranks' output to this terminal (where the backend can)."""
+        ...
+
+    def preflight(self, plan: Plan[Any], *, points: int = 1) -> list[Check]:
+        """Quick checks before submit() (`launcher.preflight.job_checks` plus this backend's
+        own: the cluster's policy, the engine, the image), a few calls at most whatever
+        `points` is (how many sweep points this plan stands for). Writes nothing."""
         ...
 
     def refresh(self, run_dirs: list[Path]) -> None:

@@ -47,6 +47,16 @@ def run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-points", type=int, help="cap on the number of points (sweep.max_points)")
     p.add_argument("--wait", action="store_true", help="Slurm: wait until every point has ended")
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="submit without the preflight checks (cluster policy, files, engine)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="with --dry-run: also run the preflight checks (they contact the cluster)",
+    )
     return p
 
 
@@ -94,7 +104,18 @@ def main(argv: list[str]) -> int:
     from launcher.sweep import execute, plan
 
     prepared = plan.prepare(args.config, args.overrides, max_points=args.max_points)
+    if args.check and not args.dry_run:
+        raise ConfigError(
+            "--check is for --dry-run (a real submit always runs the preflight checks)",
+            file="command line",
+            key="--check",
+        )
     opts = execute.Options(
-        dry_run=args.dry_run, retry_failed=args.retry_failed, force=args.force, wait=args.wait
+        dry_run=args.dry_run,
+        retry_failed=args.retry_failed,
+        force=args.force,
+        wait=args.wait,
+        preflight=not args.no_preflight,
+        check=args.check,
     )
     return execute.run(prepared, opts)

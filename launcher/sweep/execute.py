@@ -80,6 +80,9 @@ class Options:
     poll_s: float = POLL_S
     # Array backends (benchmarks): queue the arrays held, so nothing starts.
     hold: bool = False
+    # `--no-preflight`: submit without the checks; `--check`: a dry-run runs them too.
+    preflight: bool = True
+    check: bool = False
 
 
 def parallelism(prepared: Prepared) -> int | None:
@@ -99,7 +102,11 @@ def header(prepared: Prepared) -> str:
 def run(prepared: Prepared, opts: Options) -> int:
     """Submit what is missing (and failed, or all, as asked); detached runs: to the end."""
     if opts.dry_run:
-        return _dry_run(prepared, opts)
+        code = _dry_run(prepared, opts)
+        if opts.check:
+            _preflight(prepared, _missing(prepared, opts)[1].submit, opts)
+            print("# preflight: every check passed", file=opts.out)
+        return code
     if prepared.backend.array is not None:
         return _run_arrays(prepared, opts)
     return _run_detached(prepared, opts)
@@ -113,8 +120,21 @@ def claim(prepared: Prepared, opts: Options) -> tuple[SweepState, Decision]:
     return current, decision
 
 
-def _dry_run(prepared: Prepared, opts: Options) -> int:
-    """The table of points and what a real run would submit; reads records, queries nothing."""
+def _preflight(prepared: Prepared, submit: list[str], opts: Options) -> None:
+    """The preflight checks for the points about to be submitted: once, on the first one's
+    plan, with the count (array backends check the array, not each point). Raises
+    PreflightFailed (one line, exit 2) before anything is claimed or written."""
+    if not opts.preflight or not submit:
+        return
+    from launcher import preflight
+
+    plan = prepared.plans.get(submit[0]) or next(iter(prepared.plans.values()))
+    preflight.before_submit(prepared.backend, plan, points=len(submit), err=opts.err)
+
+
+def _missing(prepared: Prepared, opts: Options) -> tuple[dict[str, str], Decision]:
+    """Each point's state and what a real run would submit, from the records alone (no
+    backend query)."""
     saved = SweepState.load(prepared.directory)
     states = {}
     for point in prepared.points:
@@ -124,7 +144,12 @@ def _dry_run(prepared: Prepared, opts: Options) -> int:
             now = state.SUBMITTED  # queued as an array task that has no record yet
         states[point.id] = now
     ids = [p.id for p in prepared.points]
-    decision = decide(ids, states, retry_failed=opts.retry_failed, force=opts.force)
+    return states, decide(ids, states, retry_failed=opts.retry_failed, force=opts.force)
+
+
+def _dry_run(prepared: Prepared, opts: Options) -> int:
+    """The table of points and what a real run would submit; reads records, queries nothing."""
+    states, decision = _missing(prepared, opts)
     out = opts.out
     print(f"# launcher sweep plan: nothing has been submitted\n# {header(prepared)}", file=out)
     print(f"# would submit {len(decision.submit)}; {skip_text(decision)}", file=out)
@@ -165,6 +190,7 @@ def _print_backend_plan(prepared: Prepared, submit: list[str], out: TextIO) -> N
 def _run_arrays(prepared: Prepared, opts: Options) -> int:
     with state.locked(prepared.lock_root):
         current, decision = claim(prepared, opts)
+        _preflight(prepared, decision.submit, opts)
         print(
             f"launcher: {header(prepared)}; submitting {len(decision.submit)}; "
             f"{skip_text(decision)}",
@@ -261,6 +287,7 @@ def _run_detached(prepared: Prepared, opts: Options) -> int:
     directory = prepared.directory
     with state.locked(prepared.lock_root):
         current, decision = claim(prepared, opts)
+        _preflight(prepared, decision.submit, opts)
         current.save()
     print(
         f"launcher: {header(prepared)}; running {len(decision.submit)}, at most {limit} at a "
