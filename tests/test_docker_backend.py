@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,8 +109,6 @@ def test_gpus_without_gpu_runtime_is_one_clear_line(
 
 
 def test_cancel_stops_the_container(project_image, docker_client, runs_dir, tmp_path):
-    import time
-
     cfg = _config(tmp_path, project_image.tag, entrypoint={"script": "tests/jobs/sleeper.py"})
     out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--detach")
     assert out.returncode == 0, out.stderr
@@ -121,3 +122,172 @@ def test_cancel_stops_the_container(project_image, docker_client, runs_dir, tmp_
     ours = record["backend_info"]["container_id"]
     left = [c for c in _containers(docker_client) if c.id == ours]
     assert not left or left[0].status == "exited"  # auto-remove may still be finishing
+
+
+def _ours(client, run_id: str) -> list:
+    return client.containers.list(all=True, filters={"label": f"{LABEL}={run_id}"})
+
+
+@pytest.mark.parametrize(
+    ("image", "said"),
+    [
+        ("launcher-nope:missing", "image launcher-nope:missing not found"),
+        ("Bad Image!!", "docker refused the container: docker: invalid reference format"),
+    ],
+)
+def test_refused_container_ends_failed_with_the_reason(
+    docker_client, runs_dir, tmp_path, image, said
+):
+    cfg = _config(tmp_path, image)
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"launcher: error: {said}")
+    run_dir = _only_run(runs_dir)
+    record = runs.read_record(run_dir)
+    assert record["state"] == "FAILED" and record["error"].startswith(said)
+    assert not _ours(docker_client, record["run_id"])
+    status = launcher_cmd("status", "--json", f"--runs-dir={runs_dir}")
+    assert json.loads(status.stdout)[0]["error"] == record["error"]  # not "ended without"
+
+
+def _abandoned(tmp_path: Path, runs_dir: Path, image: str, *, create: bool) -> Path:
+    """A real launcher process that recorded the run (and created its container) and died
+    before starting it: what a kill -9 at that moment leaves."""
+    code = (
+        "import sys\n"
+        "from launcher import config, runs\n"
+        "from launcher.backends.docker import BACKEND, _create\n"
+        "from launcher.backends.local.supervisor import prepare_run_dir\n"
+        "from launcher.image import connect\n"
+        "loaded = config.load(sys.argv[1], [f'runs_dir={sys.argv[2]}'])\n"
+        "run_id = runs.new_run_id()\n"
+        "run_dir = runs.run_dir_for(sys.argv[2], loaded.spec.name, run_id)\n"
+        "plan = BACKEND.plan(loaded.spec, run_id=run_id, run_dir=run_dir, config_file=None)\n"
+        "prepare_run_dir(plan, backend='docker')\n"
+        "if sys.argv[3] == 'create':\n"
+        "    c = _create(connect(), plan.payload['container'], lifeline=True)\n"
+        "    runs.update_record(run_dir, backend_info={'container_id': c.id})\n"
+        "print(run_dir)\n"
+    )
+    cfg = _config(tmp_path, image, entrypoint={"script": "tests/jobs/sleeper.py"})
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(cfg), str(runs_dir), "create" if create else "-"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return Path(out.stdout.strip())
+
+
+def test_abandoned_submissions_end_and_leave_no_container(
+    project_image, docker_client, runs_dir, tmp_path
+):
+    created = _abandoned(tmp_path, runs_dir / "a", project_image.tag, create=True)
+    run_id = runs.read_record(created)["run_id"]
+    assert [c.status for c in _ours(docker_client, run_id)] == ["created"]
+    status = launcher_cmd("status", "--json", f"--runs-dir={runs_dir / 'a'}")
+    record = json.loads(status.stdout)[0]
+    assert record["state"] == "FAILED"
+    assert record["error"] == "the launcher died before it started the container"
+    assert not _ours(docker_client, run_id)
+
+    nothing = _abandoned(tmp_path, runs_dir / "b", project_image.tag, create=False)
+    status = launcher_cmd("status", "--json", f"--runs-dir={runs_dir / 'b'}")
+    record = json.loads(status.stdout)[0]
+    assert record["state"] == "FAILED"
+    assert record["error"] == "the launcher died before it created the container"
+
+    pending = _abandoned(tmp_path, runs_dir / "c", project_image.tag, create=False)
+    out = launcher_cmd("cancel", pending.name, f"--runs-dir={runs_dir / 'c'}")
+    assert out.returncode == 0, out.stderr
+    record = runs.read_record(pending)
+    assert record["state"] == "CANCELLED"
+    assert record["error"] == "cancelled before its container started"
+    assert nothing.is_dir()
+
+
+def _gone(client, container_id: str) -> bool:
+    import docker
+
+    try:
+        client.containers.get(container_id)
+    except docker.errors.NotFound:
+        return True
+    return False
+
+
+def test_kill_9_of_a_foreground_run_takes_its_container_along(
+    project_image, docker_client, runs_dir, tmp_path
+):
+    cfg = _config(tmp_path, project_image.tag, entrypoint={"script": "tests/jobs/sleeper.py"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(cfg), f"runs_dir={runs_dir}", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run_dir = _wait(lambda: list(runs.iter_run_dirs(runs_dir)), 60)[0]
+        _wait(lambda: (run_dir / "pid-rank1").exists(), 120)
+        container_id = runs.read_record(run_dir)["backend_info"]["container_id"]
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup code of ours runs
+        proc.wait()
+    start = time.monotonic()
+    _wait(lambda: _gone(docker_client, container_id), 60)
+    elapsed = time.monotonic() - start
+    print(f"container gone {elapsed:.2f}s after kill -9 of the foreground launcher")
+    assert elapsed < 30
+    record = runs.read_record(run_dir)
+    assert record["state"] == "FAILED"
+    assert "the launcher that ran this in the foreground went away" in record["error"]
+
+
+def test_time_limit_and_a_stopped_rank_in_a_container(
+    project_image, docker_client, runs_dir, tmp_path
+):
+    cfg = _config(
+        tmp_path,
+        project_image.tag,
+        entrypoint={"script": "tests/jobs/sleeper.py"},
+        resources={"procs_per_node": 2, "time_min": 1},
+    )
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(cfg), f"runs_dir={runs_dir}", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    run_dir = _wait(lambda: list(runs.iter_run_dirs(runs_dir)), 60)[0]
+    _wait(lambda: (run_dir / "pid-rank0").exists(), 120)
+    pid = int((run_dir / "pid-rank0").read_text())  # in the container's PID namespace
+    container = docker_client.containers.get(
+        runs.read_record(run_dir)["backend_info"]["container_id"]
+    )
+    assert container.exec_run(["sh", "-c", f"kill -STOP {pid}"]).exit_code == 0
+    out, err = proc.communicate(timeout=180)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, err
+    assert 60 <= elapsed < 120, elapsed
+    assert f"launcher: rank 0 (pid {pid}) is stopped by a signal (state T)" in out + err
+    assert "time limit of 1 min reached" in out + err
+    record = runs.read_record(run_dir)
+    assert record["state"] == "FAILED"
+    assert record["error"].startswith("time limit of 1 min reached (resources.time_min)")
+    assert "rank 0" in record["error"] and "stopped by a signal" in record["error"]
+    assert _gone(docker_client, container.id)
+
+
+def _wait(check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s")

@@ -3,7 +3,11 @@
 The container runs the same supervisor as the local backend (`backends/local/supervisor.py`),
 reading the same plan.json from the run directory, which is mounted at the same path
 inside, so per-rank logs, the run record and checkpoints land on the host. `plan()` never
-contacts the daemon; `submit()` creates, starts, streams, waits and removes the container.
+contacts the daemon; `submit()` creates, starts, streams and waits. A submission that fails
+ends FAILED with the reason and leaves no container. A foreground container lives only as
+long as the launcher that started it: its supervisor treats the attached stdin as a lifeline
+(the engine closes it when our connection drops, kill -9 included), and the engine removes
+the container (auto_remove), so nothing depends on this process surviving to clean up.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import os
 import shlex
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from launcher import runs
-from launcher.backends.base import ArrayBackend, Plan, SupervisorPayload
+from launcher.backends.base import ArrayBackend, Plan, ProcEntry, SupervisorPayload
+from launcher.backends.local.guard import same_process
 from launcher.backends.local.supervisor import (
+    GUARD_MARGIN_S,
+    PLAN_FILE,
     PORT_AT_START,
     points_at_once,
     prepare_run_dir,
@@ -134,6 +142,7 @@ class DockerBackend:
             cwd=spec.docker.workdir,
             master_addr="127.0.0.1",
             master_port=spec.local.master_port or PORT_AT_START,
+            config_file=config_file,
         )
         gpus: dict[str, Any] | None = None
         if spec.docker.gpu_ids:
@@ -161,7 +170,8 @@ class DockerBackend:
             "mem_limit": f"{int(spec.resources.mem_gb * 1024)}m" if spec.resources.mem_gb else None,
             "gpus": gpus,
             "auto_remove": spec.docker.auto_remove,
-            # tini as PID 1: forwards signals to the supervisor and reaps orphaned workers.
+            # tini as PID 1: forwards signals to the supervisor and reaps orphaned workers;
+            # when the supervisor dies, tini exits and the kernel ends every process left.
             "init": True,
         }
         payload: SupervisorPayload = {
@@ -188,36 +198,48 @@ class DockerBackend:
 
         client = connect()
         prepare_run_dir(plan, backend=self.name)
-        spec = plan.payload["container"]
-        # Foreground: we read the exit code, then remove it. Detached: the engine removes it.
-        container = _create(client, spec, auto_remove=spec["auto_remove"] and not foreground)
-        runs.update_record(
-            plan.run_dir,
-            backend_info={
-                "container_id": container.id,
-                "container_name": spec["name"],
-                "image": spec["image"],
-            },
-        )
+        spec = dict(plan.payload["container"])
+        if foreground:
+            # The container lives only as long as this process: its supervisor watches the
+            # stdin we attach below and stops the run when the engine closes it, which it
+            # does when our connection drops, however this process ends (kill -9 too).
+            spec["command"] = [*spec["command"], "--lifeline-stdin"]
+        container = None
+        lifeline = None
         try:
-            container.start()
-        except Exception as exc:  # docker.errors.APIError; docker is imported lazily
-            _remove(container)
-            message = " ".join(str(getattr(exc, "explanation", None) or exc).split())
-            if spec["gpus"] and any(s in message for s in GPU_RUNTIME_ERRORS):
-                message = (
-                    "GPUs were asked for (resources.gpus_per_node / docker.gpu_ids) but "
-                    "this Docker engine has no GPU runtime (NVIDIA Container Toolkit); "
-                    f"the container was removed. Docker said: {message}"
-                )
-            runs.update_record(plan.run_dir, state="FAILED", ended_at=runs.now(), error=message)
+            container = _create(client, spec, lifeline=foreground)
+            runs.update_record(
+                plan.run_dir,
+                backend_info={
+                    "container_id": container.id,
+                    "container_name": spec["name"],
+                    "image": spec["image"],
+                },
+            )
+            if foreground:
+                lifeline = client.api.attach_socket(container.id, params={"stdin": 1, "stream": 1})
+            if runs.read_record(plan.run_dir)["state"] in runs.FINAL_STATES:
+                _remove(container)  # cancelled while it was being created
+                _close(lifeline)
+                return 130
+            _start(container, spec)
+        except BaseException as exc:
+            _close(lifeline)
+            if container is not None:
+                _remove(container)
+            if isinstance(exc, KeyboardInterrupt):
+                _end(plan.run_dir, "CANCELLED", "interrupted before the container started")
+                raise
+            message = str(exc) if isinstance(exc, BackendError) else _docker_error(exc)
+            _end(plan.run_dir, "FAILED", message)
             raise BackendError(message) from None
         if not foreground:
             return 0
-        return _follow(container, plan.run_dir, keep=not spec["auto_remove"])
+        return _follow(container, plan.run_dir, auto_remove=spec["auto_remove"], lifeline=lifeline)
 
     def refresh(self, run_dirs: list[Path]) -> None:
-        """One container listing for every run; a vanished container ends its run."""
+        """One container listing for every run; a vanished container ends its run, and one
+        created by a launcher that died before starting it is removed."""
         from launcher.image import connect
 
         try:
@@ -229,34 +251,68 @@ class DockerBackend:
             for c in client.containers.list(all=True, filters={"label": LABEL})
         }
         for run_dir in run_dirs:
-            record = runs.read_record(run_dir)
+            record = _record(run_dir)
             if record["state"] in runs.FINAL_STATES:
                 continue
+            submitting = same_process(record.get("submitter"))
             container = found.get(record["run_id"])
-            if container is None or container.status in ("exited", "dead"):
-                code = container.attrs["State"]["ExitCode"] if container is not None else None
-                runs.update_record(
-                    run_dir,
-                    state="FAILED",
-                    ended_at=runs.now(),
-                    error=f"container ended (exit code {code}) without a final record",
+            if container is None:
+                if record["state"] == "PENDING" and submitting:
+                    continue  # being created
+                if record["state"] == "PENDING" and not record["backend_info"].get("container_id"):
+                    _end(run_dir, "FAILED", "the launcher died before it created the container")
+                else:
+                    _end(run_dir, "FAILED", "the container is gone and the run has no final record")
+            elif container.status == "created" and not submitting:
+                _remove(container)
+                _end(run_dir, "FAILED", "the launcher died before it started the container")
+            elif container.status in ("exited", "dead"):
+                code = container.attrs["State"]["ExitCode"]
+                _end(
+                    run_dir, "FAILED", f"container ended (exit code {code}) without a final record"
                 )
 
     def cancel(self, run_dir: Path) -> None:
         from launcher.image import connect
 
-        record = runs.read_record(run_dir)
+        record = _record(run_dir)
         if record["state"] in runs.FINAL_STATES:
             raise BackendError(f"run {record['run_id']} already ended ({record['state']})")
         client = connect()
+        deadline = time.monotonic() + 10
+        while (
+            record["state"] == "PENDING"
+            and not record["backend_info"].get("container_id")
+            and same_process(record.get("submitter"))
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)  # being created: give it a moment
+            record = _record(run_dir)
         container = _get(client, record["backend_info"].get("container_id"))
-        if container is not None:
-            # SIGTERM to the in-container supervisor: it stops every rank, records CANCELLED.
-            grace = int(runs.read_record(run_dir).get("stop_grace_s") or 10) + 10
-            container.stop(timeout=grace)
-        record = runs.read_record(run_dir)
-        if record["state"] not in runs.FINAL_STATES:
-            runs.update_record(run_dir, state="CANCELLED", ended_at=runs.now())
+        if container is not None and container.labels.get(LABEL) != record["run_id"]:
+            raise BackendError(
+                f"container {container.id[:12]} is not run {record['run_id']}'s "
+                f"(label {LABEL}={container.labels.get(LABEL)!r}); left alone"
+            )
+        note = "cancelled before its container started"
+        if container is not None and container.status == "running":
+            # SIGTERM to the in-container supervisor: it stops every rank and records the end.
+            grace = float(_plan(run_dir).get("stop_grace_s", 5.0))
+            container.stop(timeout=int(grace + GUARD_MARGIN_S) + 5)
+            note = "cancelled; the container stopped without a final record"
+        elif container is not None:
+            _remove(container)
+        elif record["state"] == "RUNNING":
+            note = "cancelled; its container was already gone"
+        record = _record(run_dir)
+        if record["state"] == "CANCELLED":
+            return
+        if record["state"] in runs.FINAL_STATES:
+            raise BackendError(
+                f"run {record['run_id']} ended {record['state']} before the stop took effect "
+                f"({record.get('error') or 'every rank exited 0'}); nothing to cancel"
+            )
+        _end(run_dir, "CANCELLED", note)
 
     def log_files(self, run_dir: Path) -> dict[int, Path]:
         world = int(runs.read_record(run_dir).get("world_size") or 0)
@@ -269,18 +325,44 @@ class DockerBackend:
         return True
 
 
-def _create(client, spec: dict[str, Any], *, auto_remove: bool):
+def _record(run_dir: Path) -> dict[str, Any]:
+    return cast(dict[str, Any], runs.read_record(run_dir))
+
+
+def _plan(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _end(run_dir: Path, state: str, error: str) -> None:
+    """Final state, unless the in-container supervisor wrote one already."""
+    if _record(run_dir)["state"] not in runs.FINAL_STATES:
+        runs.update_record(run_dir, state=state, ended_at=runs.now(), error=error)
+
+
+def _docker_error(exc: BaseException) -> str:
+    """One line for what the engine (or the connection to it) said."""
+    text = str(getattr(exc, "explanation", None) or exc)
+    return "docker: " + " ".join(text.split())
+
+
+def _create(client: Any, spec: dict[str, Any], *, lifeline: bool) -> Any:
     import docker
 
-    skip = ("image", "gpus", "mounts", "auto_remove")
+    skip = ("image", "gpus", "mounts")
     kwargs = {k: v for k, v in spec.items() if v is not None and k not in skip}
-    kwargs["auto_remove"] = auto_remove
     kwargs["mounts"] = [
         docker.types.Mount(m["target"], m["source"], type="bind", read_only=m["read_only"])
         for m in spec["mounts"]
     ]
     if spec["gpus"]:
         kwargs["device_requests"] = [docker.types.DeviceRequest(**spec["gpus"])]
+    if lifeline:
+        # detach=False makes docker-py set StdinOnce: the engine closes the container's
+        # stdin when the attached client (this process) goes away.
+        kwargs.update(stdin_open=True, detach=False)
     try:
         return client.containers.create(spec["image"], **kwargs)
     except docker.errors.ImageNotFound:
@@ -288,10 +370,24 @@ def _create(client, spec: dict[str, Any], *, auto_remove: bool):
             f"image {spec['image']} not found: build it with `launcher build` or set docker.image"
         ) from None
     except docker.errors.APIError as exc:
-        raise BackendError(f"docker refused the container: {exc.explanation}") from None
+        raise BackendError(f"docker refused the container: {_docker_error(exc)}") from None
 
 
-def _get(client, container_id: str | None):
+def _start(container: Any, spec: dict[str, Any]) -> None:
+    try:
+        container.start()
+    except Exception as exc:  # docker.errors.APIError; docker is imported lazily
+        message = _docker_error(exc)
+        if spec["gpus"] and any(s in message for s in GPU_RUNTIME_ERRORS):
+            message = (
+                "GPUs were asked for (resources.gpus_per_node / docker.gpu_ids) but "
+                "this Docker engine has no GPU runtime (NVIDIA Container Toolkit); "
+                f"the container was removed. Docker said: {message}"
+            )
+        raise BackendError(message) from None
+
+
+def _get(client: Any, container_id: str | None) -> Any:
     import docker
 
     if not container_id:
@@ -302,47 +398,77 @@ def _get(client, container_id: str | None):
         return None
 
 
-def _remove(container) -> None:
+def _remove(container: Any) -> None:
     import docker
 
     try:
         container.remove(force=True)
     except docker.errors.NotFound:
         pass
+    except docker.errors.APIError as exc:
+        if "is already in progress" not in str(exc):  # auto-remove got there first
+            raise
 
 
-def _follow(container, run_dir: Path, keep: bool) -> int:
+def _close(lifeline: Any) -> None:
+    if lifeline is not None:
+        sock = getattr(lifeline, "_sock", lifeline)
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def _wait(container: Any, auto_remove: bool) -> dict[str, Any] | None:
+    """The engine's exit result; None if an auto-removed container is gone already."""
+    import docker
+
+    try:
+        return container.wait(condition="removed" if auto_remove else "not-running")
+    except docker.errors.NotFound:
+        return None
+
+
+def _follow(container: Any, run_dir: Path, *, auto_remove: bool, lifeline: Any) -> int:
     """Stream the container's output to the terminal and container.log; wait; clean up."""
-    stop = threading.Event()
+    import docker
 
     def pump() -> None:
         with open(run_dir / "container.log", "ab") as log:
-            for chunk in container.logs(stream=True, follow=True):
-                log.write(chunk)
-                log.flush()
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
-                if stop.is_set():
-                    break
+            try:
+                for chunk in container.logs(stream=True, follow=True):
+                    log.write(chunk)
+                    log.flush()
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+            except docker.errors.NotFound:
+                pass  # removed before we got to read it; the rank logs are in the run dir
 
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
     try:
-        result = container.wait()
-    except KeyboardInterrupt:
-        container.stop(timeout=15)
-        result = container.wait()
+        try:
+            result = _wait(container, auto_remove)
+        except KeyboardInterrupt:
+            try:
+                container.stop(timeout=15)
+            except docker.errors.NotFound:
+                pass
+            result = _wait(container, auto_remove)
     finally:
         thread.join(timeout=5)
-        stop.set()
-    code = int(result.get("StatusCode", 1))
-    record = runs.read_record(run_dir)
+        _close(lifeline)
+    code = None if result is None else int(result.get("StatusCode", 1))
+    oom = False
+    if not auto_remove:
+        container.reload()
+        oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
+    record = _record(run_dir)
     if record["state"] not in runs.FINAL_STATES:
-        error = result.get("Error") or {}
-        oom = container.attrs.get("State", {}).get("OOMKilled")
+        error = (result or {}).get("Error") or {}
         runs.update_record(
             run_dir,
-            state="FAILED" if code else "COMPLETED",
+            state="COMPLETED" if code == 0 else "FAILED",
             ended_at=runs.now(),
             error=(
                 "killed: out of memory"
@@ -351,16 +477,15 @@ def _follow(container, run_dir: Path, keep: bool) -> int:
             ),
         )
     runs.update_record(run_dir, container_exit_code=code)
-    if not keep:
-        _remove(container)
-    return 0 if code == 0 else (130 if runs.read_record(run_dir)["state"] == "CANCELLED" else 1)
+    state = _record(run_dir)["state"]
+    return {"COMPLETED": 0, "CANCELLED": 130}.get(state, 1)
 
 
 def _render(
     spec: JobSpec,
     run_dir: Path,
     container: dict[str, Any],
-    procs: list[dict],
+    procs: list[ProcEntry],
     picks: LoaderPicks,
     shm_why: str,
 ) -> str:
@@ -378,6 +503,8 @@ def _render(
         f"cpus:      {spec.docker.cpus or 'no limit'}    memory: "
         f"{container['mem_limit'] or 'no limit'}",
         f"gpus:      {json.dumps(container['gpus']) if container['gpus'] else 'none'}",
+        f"time limit: {spec.resources.time_min} min (resources.time_min; the ranks are stopped "
+        "then)",
         "mounts:",
         *(
             f"  {m['source']} -> {m['target']}{' (ro)' if m['read_only'] else ''}"
