@@ -297,3 +297,28 @@ def test_top_level_names_read_from_the_syntax_tree():
     )
     assert names >= {"o", "y", "f", "g", "h", "C"} and not open_ended
     assert top_level_names("from m import *\n")[1]
+
+
+def test_a_sweep_over_max_submit_jobs_is_refused_where_limits_are_enforced():
+    """Canned `scontrol -o show assoc_mgr` and `show config` (the local cluster enforces no
+    limits, so its real answer can only show the warning)."""
+    from launcher.backends.slurm.preflight import Answer, _assoc_checks
+    from launcher.spec import JobSpec, SlurmSpec
+
+    user = __import__("getpass").getuser()
+    assoc = Answer(
+        0,
+        f"ClusterName=c Account=proj UserName={user}(0) Partition= ID=2 MaxJobs= "
+        "MaxSubmitJobs=500 MaxWallPJ=\nQOS=normal(1) UsageRaw=0 MaxSubmitJobsPU=800\n",
+        "",
+    )
+    spec = JobSpec(name="s", slurm=SlurmSpec(account="proj", qos="normal"))
+    for enforce, status in (("associations,limits", "fail"), ("none", "warn")):
+        config = Answer(0, f"AccountingStorageEnforce = {enforce}\n", "")
+        checks = _assoc_checks(spec, assoc, 1000, config, "job.yaml")
+        limit = next(c for c in checks if c.name == "slurm.max_submit")
+        assert limit.status == status
+        assert "1000 points" in limit.found and "MaxSubmitJobs of association proj" in limit.found
+        assert "500" in limit.found
+    checks = _assoc_checks(spec, assoc, 400, config, "job.yaml")
+    assert next(c for c in checks if c.name == "slurm.max_submit").status == "ok"

@@ -145,3 +145,25 @@ def test_a_good_docker_job_passes(tmp_path, docker_client, base_image):
     checks = docker_preflight.preflight(plan)
     assert [c.line() for c in checks if c.status == "fail"] == []
     assert {c.name for c in checks} >= {"docker.engine", "docker.image", "entrypoint.script"}
+
+
+def test_the_cli_refuses_before_a_container_and_writes_nothing(tmp_path, docker_client, base_image):
+    """`launcher run` end to end: exit 2, one line, no container, no run folder."""
+    if not hasattr(BACKEND, "preflight"):
+        pytest.skip("DockerBackend.preflight is not wired to docker_preflight.py yet")
+    import subprocess
+    import sys
+
+    path = _job(tmp_path, base_image)
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", str(path), "resources.gpus_per_node=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "resources.gpus_per_node: 1 GPU(s) asked" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
+    name = f"launcher-pf-{tmp_path.name[-20:]}"
+    assert not [c for c in docker_client.containers.list(all=True) if c.name.startswith(name)]

@@ -207,13 +207,32 @@ def test_each_slurm_mistake_is_caught_before_submit(tmp_path, overrides, points,
         assert word in line, line
 
 
-def test_a_time_limit_over_the_partitions_max_time_is_caught(tmp_path):
+@pytest.fixture
+def max_time_partition():
+    """A partition with a MaxTime: slurm/start.sh's when it has one, else one made for this
+    test with `scontrol create` (the controller's memory only; no restart) and deleted after."""
     found = _max_time_partition()
-    from tests.conftest import need
+    if found is not None:
+        yield found
+        return
+    name = f"lpf_short_{os.getpid()}"
+    made = subprocess.run(
+        ["scontrol", "create", f"PartitionName={name}", "Nodes=ALL", "MaxTime=10", "State=UP"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert made.returncode == 0, made.stderr
+    try:
+        yield name, 10.0
+    finally:
+        subprocess.run(
+            ["scontrol", "delete", f"PartitionName={name}"], capture_output=True, timeout=20
+        )
 
-    need(found is not None, "a Slurm partition with a MaxTime (slurm/start.sh adds one)")
-    assert found is not None
-    partition, minutes = found
+
+def test_a_time_limit_over_the_partitions_max_time_is_caught(tmp_path, max_time_partition):
+    partition, minutes = max_time_partition
     name = f"pf-{tmp_path.name}"[:60]
     over = int(minutes) + 1
     plan = _plan(
@@ -221,10 +240,13 @@ def test_a_time_limit_over_the_partitions_max_time_is_caught(tmp_path):
     )
     failure = _caught(plan, slurm_preflight.preflight(plan))
     assert failure.key == "resources.time_min"
-    assert (
-        f"{over} min is over partition {partition}'s MaxTime of {minutes:g} min" in failure.line()
-    )
-    assert f"at most {int(minutes)}" in failure.line()
+    line = failure.line()
+    assert f"{over} min is over partition {partition}'s MaxTime of {minutes:g} min" in line
+    assert f"at most {int(minutes)}" in line
+    # Within the limit, the same partition passes, with sbatch --test-only's agreement.
+    plan = _plan(_job(tmp_path, name), [f"slurm.partition={partition}", "resources.time_min=5"])
+    checks = slurm_preflight.preflight(plan)
+    assert [c.line() for c in checks if c.status == "fail"] == []
 
 
 def test_an_unreachable_controller_is_one_line(tmp_path):

@@ -17,6 +17,7 @@ Nothing here writes a file or queues a job.
 from __future__ import annotations
 
 import getpass
+import importlib
 import math
 import os
 import re
@@ -739,10 +740,11 @@ def _container_check(spec: JobSpec, runtime: str | None, srun: Any, file: str | 
     """The runtime `slurm.container` names is present (its conversion tools here, its
     plugin in srun, oci.conf for Slurm's own OCI support)."""
     key = "slurm.container.runtime"
+    runtimes: Any
     try:
-        import launcher.backends.slurm.container as runtimes
+        runtimes = importlib.import_module("launcher.backends.slurm.container")
     except ImportError:  # a launcher without container runtimes: pyxis only
-        runtimes = None  # type: ignore[assignment]
+        runtimes = None
     try:
         if runtimes is not None:
             runtimes.check_runtime(spec)
