@@ -27,7 +27,13 @@ def file_kind(mode: int) -> str:
 
 
 class NotRegular(OSError):
-    """open_regular found something other than a regular file (and did not read it)."""
+    """open_regular found something other than a regular file (and did not read it).
+    str() is the whole message with the path; `strerror` is the reason alone."""
+
+    def __init__(self, path: str | os.PathLike[str], why: str) -> None:
+        super().__init__(f"{os.fspath(path)} {why}")
+        self.strerror = why
+        self.filename = os.fspath(path)
 
 
 def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> BinaryIO:
@@ -44,13 +50,13 @@ def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False)
         fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP and not follow_symlinks:  # O_NOFOLLOW met a symlink
-            raise NotRegular(f"{os.fspath(path)} is a symlink") from None
+            raise NotRegular(path, "is a symlink") from None
         raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = file_kind(mode)
-            raise NotRegular(f"{os.fspath(path)} is {kind}, not a regular file")
+            raise NotRegular(path, f"is {kind}, not a regular file")
         os.set_blocking(fd, True)
         return open(fd, "rb", closefd=True)
     except BaseException:

@@ -142,10 +142,10 @@ def test_a_fifo_as_record_or_log_never_hangs_status_or_logs(runs_dir):
     os.mkfifo(run_dir / "logs" / "rank0.log")
     out = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}", timeout=30)
     assert out.returncode == 0, out.stderr
-    assert "cannot read" in out.stdout and "not a plain file" in out.stdout
+    assert "cannot read" in out.stdout and "is a FIFO, not a regular file" in out.stdout
     out = launcher_cmd("logs", run_dir.name, f"--runs-dir={runs_dir}", timeout=30)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.endswith("rank0.log: cannot read this log: not a plain file\n")
+    assert out.stderr.endswith("rank0.log: cannot read this log: is a FIFO, not a regular file\n")
 
 
 def test_a_symlinked_record_is_not_followed(runs_dir, tmp_path):
