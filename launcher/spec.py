@@ -259,10 +259,17 @@ class DockerSpec:
 
 @dataclass(frozen=True)
 class ContainerSpec:
-    """Run the Slurm tasks in an image through pyxis (enroot)."""
+    """Run the Slurm tasks in an image (backends/slurm/container.py); the batch shell, which
+    decides requeues, stays on the host."""
 
-    # null: the tag `launcher build` gives this project (same config, same image).
+    # pyxis: pyxis/enroot; apptainer: Apptainer/Singularity; oci: Slurm's own
+    # `srun --container` with an oci.conf that calls runc or crun.
+    runtime: Literal["pyxis", "apptainer", "oci"] = "pyxis"
+    # null: the tag `launcher build` gives this project (same config, same image), converted
+    # once per tag at submit. A path (/..., ./...): a ready-made .sqsh, .sif or OCI bundle.
     image: str | None = None
+    # Where converted images are cached, on storage every node sees; null: <runs_dir>/.images.
+    cache_dir: str | None = None
     # "host_path:container_path[:ro]"; the run dir and workdir are mounted as well.
     mounts: tuple[str, ...] = ()
     workdir: str | None = None

@@ -206,6 +206,109 @@ summary() {
         "accounting on, state ${D}"
 }
 
+# --- Slurm's own OCI containers (`srun --container=BUNDLE`). slurmstepd reads oci.conf from
+# the slurm.conf folder at each container step launch, so writing it needs no restart and
+# touches no other job. 22.05 fills the bundle's process.env before the task's own variables
+# exist (SLURM_PROCID, SLURM_NODEID, ... are missing inside; fixed in 23.02): RunTimeRun goes
+# through launcher-oci-run, which sets them from the step's node list, then runs the runtime.
+# `exec`: slurmstepd runs it under `sh -c`, and a USR2 (preemption, time limit) would kill sh.
+# Without runc or crun no oci.conf is written: launcher then refuses `runtime: oci` at submit.
+OCI_CONF=${D}/etc/oci.conf
+OCI_RUN=${D}/etc/launcher-oci-run
+OCI_STATE=/run/launcher-oci
+OCI_RUNTIME=${SLURM_OCI_RUNTIME:-}
+if [[ -z ${OCI_RUNTIME} ]]; then
+    for bin in runc crun; do
+        if command -v "${bin}" >/dev/null; then
+            OCI_RUNTIME=${bin}
+            break
+        fi
+    done
+fi
+[[ -z ${OCI_RUNTIME} || ${OCI_RUNTIME} =~ ^(runc|crun)$ ]] ||
+    slurm_die "SLURM_OCI_RUNTIME=${OCI_RUNTIME}: expected runc or crun"
+
+render_oci_conf() {
+    local rt="${OCI_RUNTIME} --root=${OCI_STATE}" id="%n.%u.%j.%s.%t"
+    cat <<EOF
+# Written by slurm/start.sh: edits are overwritten. Read by slurmstepd at each container step.
+RunTimeQuery="${rt} state ${id}"
+RunTimeRun="exec /usr/bin/python3 ${OCI_RUN} ${id} %b %n %t -- ${rt}"
+RunTimeKill="${rt} kill -a ${id}"
+RunTimeDelete="${rt} delete --force ${id}; rm -rf ${OCI_STATE}/bundles/${id}"
+EOF
+}
+
+render_oci_run() {
+    cat <<'EOF'
+# Written by slurm/start.sh: RunTimeRun of oci.conf. Usage: ID BUNDLE NODE LOCALID -- RUNTIME...
+# Slurm 22.05 writes BUNDLE/config.json before the task's own variables are set: set them
+# (one task per node, which is all 22.05 allows in a container step), then run the runtime.
+import json, os, re, shutil, signal, subprocess, sys
+
+cid, bundle, node, local = sys.argv[1:5]
+runtime = sys.argv[6:]
+with open(os.path.join(bundle, "config.json")) as f:
+    config = json.load(f)
+env = config.setdefault("process", {}).setdefault("env", [])
+have = dict(e.split("=", 1) for e in env if "=" in e)
+nodes = subprocess.run(
+    ["scontrol", "show", "hostnames", have.get("SLURM_STEP_NODELIST", node)],
+    capture_output=True, text=True, check=True,
+).stdout.split()
+counts = []
+for part in have.get("SLURM_STEP_TASKS_PER_NODE", "1").split(","):
+    m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+    counts += [int(m[1])] * int(m[2] or 1) if m else []
+nodeid = nodes.index(node)
+task = {
+    "SLURMD_NODENAME": node,
+    "SLURM_NODEID": str(nodeid),
+    "SLURM_LOCALID": local,
+    "SLURM_PROCID": str(sum(counts[:nodeid]) + int(local)),
+}
+# Always replaced: srun's own environment (a batch shell's SLURM_PROCID=0) fills these with
+# the wrong task's values.
+env[:] = [e for e in env if e.split("=", 1)[0] not in task]
+env += [f"{k}={v}" for k, v in task.items()]
+# 22.05 sets root.path to BUNDLE/rootfs; runc refuses a symlink there (a per-run bundle
+# links a rootfs cached once per image).
+root = config.setdefault("root", {})
+if not root.get("path", "").startswith("/"):
+    sys.exit(f"launcher-oci-run: {cid}: root.path is not absolute (give --container a full path)")
+root["path"] = os.path.realpath(root["path"])
+own = os.path.join("/run/launcher-oci/bundles", cid)
+os.makedirs(own, mode=0o700, exist_ok=True)
+with open(os.path.join(own, "config.json"), "w") as f:
+    json.dump(config, f)
+# Not exec'd: the copy is removed when the container ends (RunTimeDelete runs only for a
+# container still known). Slurm signals every process of the step, the container's included,
+# so this one only survives signals; forwarding them would deliver each one twice.
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, lambda *_: None)
+try:
+    code = subprocess.call([*runtime, "run", cid, "-b", own])
+finally:
+    shutil.rmtree(own, ignore_errors=True)
+sys.exit(code if code >= 0 else 128 - code)
+EOF
+}
+
+if [[ -n ${OCI_RUNTIME} ]]; then
+    want_oci_run=$(render_oci_run)
+    want_oci_conf=$(render_oci_conf)
+    file_is "${OCI_RUN}" "${want_oci_run}" || {
+        printf '%s\n' "${want_oci_run}" >"${OCI_RUN}.tmp" && mv -f "${OCI_RUN}.tmp" "${OCI_RUN}"
+    }
+    file_is "${OCI_CONF}" "${want_oci_conf}" || {
+        printf '%s\n' "${want_oci_conf}" >"${OCI_CONF}.tmp" && mv -f "${OCI_CONF}.tmp" "${OCI_CONF}"
+    }
+    chmod 0644 "${OCI_RUN}" "${OCI_CONF}"
+    install -d -m 0711 "${OCI_STATE}" "${OCI_STATE}/bundles"
+else
+    rm -f "${OCI_CONF}"
+fi
+
 if healthy; then
     summary "already running"
     exit 0
