@@ -242,10 +242,9 @@ class DockerBackend:
         created by a launcher that died before starting it is removed."""
         from launcher.image import connect
 
-        try:
-            client = connect(timeout_s=10)
-        except BackendError:
-            return
+        # An engine that does not answer is one BackendError: `status` warns and shows the
+        # last known state instead of silently calling nothing.
+        client = connect(timeout_s=10)
         found = {
             c.labels.get(LABEL): c
             for c in client.containers.list(all=True, filters={"label": LABEL})

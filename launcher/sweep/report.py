@@ -32,7 +32,10 @@ def show_value(value: Any) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]], limit: int = 40) -> str:
-    """Left-aligned columns; a column is at most `limit` characters wide."""
+    """Left-aligned columns; a column is at most `limit` characters wide. Cells come from
+    records and configs: control characters are shown, never sent to the terminal."""
+    headers = [runs.printable(h) for h in headers]
+    rows = [[runs.printable(c) for c in row] for row in rows]
     widths = [min(limit, len(h)) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):
@@ -92,8 +95,10 @@ def print_status(directory: Path, out: TextIO, metric: str | None = None) -> int
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     shown = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
     print(
-        f"sweep {current['sweep_id']} ({current['name']}, {current['backend']}): "
-        f"{len(rows)} points: {shown}",
+        runs.printable(
+            f"sweep {current['sweep_id']} ({current['name']}, {current['backend']}): "
+            f"{len(rows)} points: {shown}"
+        ),
         file=out,
     )
     cells = [

@@ -203,7 +203,8 @@ class _Echo:
                 lines, rest = [*lines, rest], b""
             self.partial[rank] = rest
             for line in lines:
-                sys.stdout.write(f"[rank {rank}] {line.decode(errors='replace')}\n")
+                text = runs.printable(line.decode(errors="replace"), keep_lines=True)
+                sys.stdout.write(f"[rank {rank}] {text}\n")
         sys.stdout.flush()
 
 
