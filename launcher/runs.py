@@ -124,6 +124,13 @@ class RunRecord(TypedDict):
     submitter: NotRequired[dict[str, Any] | None]  # identity of the process submitting it
     cancel_requested_at: NotRequired[str | None]  # slurm: `launcher cancel` asked for it
     warning: NotRequired[str | None]  # local: ranks stopped (SIGSTOP) while the run goes on
+    # Why a run did not complete (launcher/causes.py, triage.Cause.as_dict()), kept once found.
+    cause: NotRequired[dict[str, Any] | None]
+    # local/docker: rank -> {"code", "ended" (epoch s), "stopped_by_launcher"}.
+    rank_ends: NotRequired[dict[str, dict[str, Any]]]
+    oom_kills: NotRequired[int]  # local/docker: the cgroup's oom_kill count grew this much
+    slurm_reason: NotRequired[str | None]  # "by 1000" of "CANCELLED by 1000"
+    cost: NotRequired[dict[str, float]]  # cpu_hours, gpu_hours, lost_share
 
 
 # Upper bounds of numbers that become sizes or kill(2) targets: Linux's largest pid_max, and a

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("launcher", "launcher.errors", "launcher.spec", "launcher.ports", "launcher.files"),
     ("launcher.schema", "launcher.hardware", "launcher.triage"),
     ("launcher.config", "launcher.runs", "launcher.entrypoint", "launcher.call"),
-    ("launcher.runtime", "launcher.data", "launcher.image"),
+    ("launcher.runtime", "launcher.data", "launcher.image", "launcher.causes"),
     ("launcher.backends",),
     ("launcher.preflight", "launcher.doctor"),
     ("launcher.sweep",),

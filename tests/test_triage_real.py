@@ -1,0 +1,130 @@
+"""Failure causes reproduced for real: each failure is made by a real job on the local
+backend (real processes, real torch with gloo), and its run folder is read by
+launcher.causes exactly as `launcher status` does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from launcher import runs
+from launcher.causes import ensure_cause
+
+pytestmark = pytest.mark.timeout(300)
+
+FAIL_ON_RANK_1 = """
+    import os, sys, time
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        time.sleep(0.5)
+        {failure}
+    import torch
+    t = torch.ones(1)
+    dist.all_reduce(t)  # rank 0 waits here for the peer that failed
+    time.sleep(30)
+"""
+
+
+def run_job(tmp_path: Path, body: str, *, procs: int = 2, extra: str = "") -> tuple[Path, dict]:
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(body))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            name: triage
+            runs_dir: {tmp_path / "runs"}
+            entrypoint:
+              script: {script}
+            resources:
+              procs_per_node: {procs}
+            local:
+              stop_grace_s: 2
+            """
+        )
+        + extra
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", str(cfg), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert out.returncode != 0, out.stderr
+    (run_dir,) = list((tmp_path / "runs" / "triage").iterdir())
+    record = ensure_cause(run_dir, runs.read_record(run_dir))
+    return run_dir, record
+
+
+def test_an_exception_on_one_rank_is_the_cause_and_the_others_are_consequences(tmp_path):
+    body = FAIL_ON_RANK_1.format(failure='raise ValueError("bad batch shape")')
+    run_dir, record = run_job(tmp_path, body)
+    cause = record["cause"]
+    assert cause["kind"] == "python_exception"
+    assert cause["rank"] == 1
+    assert cause["detail"]["exception"] == "ValueError"
+    assert cause["detail"]["where"] == f"{tmp_path / 'job.py'}:7"
+    assert cause["consequences"] == [0]
+    # Kept in the record: read again, not recomputed.
+    assert runs.read_record(run_dir)["cause"] == cause
+
+
+def test_a_missing_module_is_named(tmp_path):
+    body = FAIL_ON_RANK_1.format(failure="import no_such_module_for_launcher")
+    _, record = run_job(tmp_path, body)
+    cause = record["cause"]
+    assert cause["kind"] == "module_not_found" and cause["rank"] == 1
+    assert "no_such_module_for_launcher" in cause["summary"]
+
+
+def test_a_segfault_is_a_native_crash(tmp_path):
+    body = FAIL_ON_RANK_1.format(failure="import ctypes; ctypes.string_at(0)")
+    _, record = run_job(tmp_path, body)
+    assert record["cause"]["kind"] == "native_crash"
+    assert record["cause"]["rank"] == 1
+
+
+def test_a_gloo_timeout_names_the_rank_that_never_entered_the_collective(tmp_path):
+    body = """
+        import datetime, time
+        import torch, torch.distributed as dist
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+        if dist.get_rank() == 1:
+            time.sleep(60)  # never reaches the all_reduce
+        dist.all_reduce(torch.ones(1))
+    """
+    _, record = run_job(tmp_path, body)
+    cause = record["cause"]
+    assert cause["kind"] == "collective_timeout" and cause["rank"] == 0
+    assert cause["detail"]["did_not_arrive"] == [1]
+
+
+def test_a_missing_interpreter_means_the_job_never_started(tmp_path):
+    (tmp_path / "job.py").write_text("print('never runs')\n")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            name: triage
+            runs_dir: {tmp_path / "runs"}
+            entrypoint:
+              script: {tmp_path / "job.py"}
+              python: /nonexistent/bin/python3
+            """
+        )
+    )
+    # Preflight would refuse this before any run folder exists: skip it to see the run's cause.
+    argv = [sys.executable, "-m", "launcher", "run", str(cfg), "--quiet", "--no-preflight"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    (run_dir,) = list((tmp_path / "runs" / "triage").iterdir())
+    record = ensure_cause(run_dir, runs.read_record(run_dir))
+    assert record["cause"]["kind"] == "never_started"
+    assert "/nonexistent/bin/python3" in record["cause"]["summary"]
