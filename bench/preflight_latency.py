@@ -3,10 +3,12 @@ sweep, median of N, with and without preflight, side by side. Target: at most 0.
 
     python bench/preflight_latency.py [--repeat 7] [--points 1000]
 
-Needs the local cluster (bash slurm/start.sh). Runs are real submissions that cannot start:
-single jobs are queued with `--begin=now+1hour`, sweep arrays held, and every job is cancelled
-at once. Each repeat measures with and without preflight back to back (order alternating), so
-load on the machine hits both columns alike. Also prints the preflight call alone.
+Needs the local cluster (bash slurm/start.sh). Single runs are real submissions that cannot
+start (queued with `--begin=now+1hour`, cancelled at once). Sweep arrays go through
+`sbatch --test-only`, the same controller round trip without a job: a cancelled 1,000-task
+array keeps 1,000 job records for MinJobAge, and a few repeats would fill MaxJobCount.
+Each repeat measures with and without preflight back to back (order alternating), so load
+on the machine hits both columns alike. Also prints the preflight call alone.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from launcher import config, preflight, runs  # noqa: E402
 from launcher.backends.slurm import preflight as slurm_preflight  # noqa: E402
 from launcher.backends.slurm.backend import BACKEND  # noqa: E402
-from launcher.sweep import execute, plan, state  # noqa: E402
+from launcher.sweep import execute, plan  # noqa: E402
 
 
 class _WithPreflight:
@@ -95,16 +97,13 @@ def one_run(path: Path, with_preflight: bool) -> float:
 
 
 def one_sweep(path: Path, with_preflight: bool) -> float:
-    """A whole sweep submit (load, expand, plan, [preflight], queue the arrays held)."""
+    """A whole sweep submit (load, expand, plan, [preflight], sbatch the arrays)."""
     start = time.perf_counter()
     prepared = plan.prepare(str(path), [f"runs_dir={path.parent / 'runs' / str(time.time_ns())}"])
     prepared.backend = BACKEND_WITH  # type: ignore[assignment]
-    opts = execute.Options(hold=True, preflight=with_preflight, err=io.StringIO())
+    opts = execute.Options(test_only=True, preflight=with_preflight, err=io.StringIO())
     execute.run(prepared, opts)
-    took = time.perf_counter() - start
-    saved = state.SweepState.load(prepared.directory)
-    _cancel(list(saved.data.get("array_job_ids", [])) if saved else [])
-    return took
+    return time.perf_counter() - start
 
 
 def preflight_alone(path: Path, points: int) -> float:

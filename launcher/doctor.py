@@ -33,12 +33,18 @@ def doctor_checks(
     from launcher.entrypoint import python_for
 
     checks: list[Check] = []
+    modules = {"slurm": slurm_preflight, "docker": docker_preflight}
+    uses = spec.backend if spec else None
     if plan is not None and backend is not None:
-        checks += run_checks(backend, plan)
+        module = modules.get(uses or "")
+        if module is not None and not hasattr(backend, "preflight"):
+            # A backend whose preflight method is not wired yet: its module's checks.
+            checks += module.preflight(plan)
+        else:
+            checks += run_checks(backend, plan)
     python = python_for(spec) if spec else sys.executable
     checks.append(torch_check(python))
-    uses = spec.backend if spec else None
-    for name, module in (("slurm", slurm_preflight), ("docker", docker_preflight)):
+    for name, module in modules.items():
         used = uses == name
         found = module.doctor_checks(spec if used else None)
         if uses is not None and not used:

@@ -244,7 +244,7 @@ def doctor_checks(spec: JobSpec | None) -> list[Check]:
     runtimes = ", ".join(sorted(info.get("Runtimes") or {}))
     checks = [
         Check(
-            "docker.engine",
+            "docker.version",
             "ok",
             f"engine {info.get('ServerVersion')} ({info.get('OperatingSystem')}, "
             f"{info.get('NCPU')} CPUs, {(info.get('MemTotal') or 0) / GIB:.1f} GiB)",

@@ -78,8 +78,10 @@ class Options:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     poll_s: float = POLL_S
-    # Array backends (benchmarks): queue the arrays held, so nothing starts.
+    # Array backends (benchmarks): queue the arrays held, so nothing starts; or only ask
+    # the scheduler (`sbatch --test-only`), so no job is made at all.
     hold: bool = False
+    test_only: bool = False
     # `--no-preflight`: submit without the checks; `--check`: a dry-run runs them too.
     preflight: bool = True
     check: bool = False
@@ -197,7 +199,7 @@ def _run_arrays(prepared: Prepared, opts: Options) -> int:
             file=opts.err,
         )
         ids = current.claim(decision.submit, force=opts.force)
-        job_ids = queue_arrays(prepared, current, ids, hold=opts.hold)
+        job_ids = queue_arrays(prepared, current, ids, hold=opts.hold, test_only=opts.test_only)
     if job_ids:
         print(f"launcher: submitted array job(s) {', '.join(job_ids)}", file=opts.err)
     print(f"launcher: follow with `launcher sweep status {prepared.directory}`", file=opts.err)
