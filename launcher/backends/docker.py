@@ -323,6 +323,12 @@ class DockerBackend:
     def needs_hardware(self) -> bool:
         return True
 
+    def preflight(self, plan: Plan[SupervisorPayload], *, points: int = 1) -> list[Any]:
+        """Engine, image, GPUs/CPUs/memory/shm against the engine, mount sources (`Check`s)."""
+        from launcher.backends.docker_preflight import preflight
+
+        return preflight(plan, points=points)
+
 
 def _record(run_dir: Path) -> dict[str, Any]:
     return cast(dict[str, Any], runs.read_record(run_dir))

@@ -183,6 +183,13 @@ class LocalBackend:
     def needs_hardware(self) -> bool:
         return True
 
+    def preflight(self, plan: Plan[SupervisorPayload], *, points: int = 1) -> list[Any]:
+        """The job's files, as this machine's interpreter will see them (`Check`s)."""
+        from launcher.entrypoint import python_for
+        from launcher.preflight import job_checks
+
+        return job_checks(plan, python=python_for(plan.spec))
+
 
 def render(spec: JobSpec, run_dir: Path, procs: list[ProcEntry], picks: LoaderPicks) -> str:
     """The dry-run text: every process with its working dir, launcher-set env and argv."""

@@ -255,7 +255,9 @@ def preflight(plan: Plan[SlurmPayload], *, points: int = 1) -> list[Check]:
         )
         return checks
     nodes = parse_sinfo(sinfo.out)
-    part_checks, part_nodes = _partition_checks(spec, nodes, file)
+    # The limit sbatch gets (resources.time_min, or the backend's default when unset).
+    time_min = int(plan.payload.params.get("time") or spec.resources.time_min or 60)
+    part_checks, part_nodes = _partition_checks(spec, nodes, time_min, file)
     checks += part_checks
     checks.append(_shared_fs_check(plan, part_nodes or nodes, file))
     if "assoc" in answers:
@@ -338,9 +340,8 @@ def _script(plan: Plan[SlurmPayload], points: int) -> tuple[str, int]:
 
 
 def _partition_checks(
-    spec: JobSpec, nodes: Sequence[Node], file: str | None
+    spec: JobSpec, nodes: Sequence[Node], time_min: int, file: str | None
 ) -> tuple[list[Check], list[Node]]:
-    res = spec.resources
     partitions = sorted({n.partition for n in nodes})
     wanted = spec.slurm.partition
     if wanted is None:
@@ -398,14 +399,14 @@ def _partition_checks(
             )
         )
     max_time = max(n.max_time_min for n in mine)
-    if res.time_min > max_time:
-        longer = sorted({n.partition for n in nodes if n.max_time_min >= res.time_min} - set(names))
+    if time_min > max_time:
+        longer = sorted({n.partition for n in nodes if n.max_time_min >= time_min} - set(names))
         also = f", or a partition that allows it: {', '.join(longer)}" if longer else ""
         checks.append(
             Check(
                 "slurm.time_limit",
                 "fail",
-                f"{res.time_min} min is over partition {label}'s MaxTime of {max_time:g} min",
+                f"{time_min} min is over partition {label}'s MaxTime of {max_time:g} min",
                 f"set resources.time_min to at most {int(max_time)}{also}",
                 file=file,
                 key="resources.time_min",
@@ -417,7 +418,7 @@ def _partition_checks(
             Check(
                 "slurm.time_limit",
                 "ok",
-                f"{res.time_min} min within partition {label}'s {shown}",
+                f"{time_min} min within partition {label}'s {shown}",
                 file=file,
                 key="resources.time_min",
             )
