@@ -6,7 +6,7 @@ Prints, as one JSON object and a table:
 - the conversion (docker export into a rootfs) into an empty cache, then the cached lookup;
 - per-rank start: from `srun` being started to the first line of Python in each rank, on the
   host and inside the container (guard, image's venv python), 2 nodes x 1 task, median of
-  `--repeat` runs;
+  `--repeat` runs; all steps run in one allocation (salloc), so no queue wait is counted;
 - the whole quickstart (examples/quickstart_ddp.py, 30 steps, 2 nodes, gloo) on the host and in
   the container, median wall seconds.
 apptainer and enroot conversions are timed too when those tools are installed.
@@ -52,8 +52,6 @@ def _srun(argv: list[str], run_dir: Path, env: dict[str, str]) -> float:
             "srun",
             "-N2",
             "--ntasks-per-node=1",
-            "-p",
-            "debug",
             f"--output={run_dir}/logs/rank%t.log",
             *argv,
         ],
@@ -78,6 +76,10 @@ def main() -> int:
     ap.add_argument("--image", required=True, help="a docker image tag `launcher build` made")
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    if not os.environ.get("SLURM_JOB_ID"):
+        # Every step in one allocation: a queue wait (the cluster is shared) is no start cost.
+        argv = ["salloc", "-N2", "--ntasks-per-node=1", "-p", "debug", "--exclusive"]
+        return subprocess.call([*argv, sys.executable, *sys.argv])
     work = Path(tempfile.mkdtemp(prefix="container-bench-"))
     out: dict[str, object] = {"image": args.image, "repeat": args.repeat}
     try:

@@ -630,14 +630,13 @@ def write_run_files(rendered: Rendered, run_dir: Path) -> Path:
     return folder
 
 
-def step_command(rendered: Rendered, inner: list[str]) -> list[str]:
-    """The rank command under the runtime: PREFIX PYTHON -m launcher.backends.slurm.rank --
-    INNER, where INNER's interpreter is the image's (`inner` as entry_argv gives it)."""
-    return [
-        *rendered.prefix,
-        rendered.python,
-        "-m",
-        "launcher.backends.slurm.rank",
-        "--",
-        *inner,
-    ]
+# The per-rank wrapper as sbatch.rank_wrapper gives it (its interpreter is replaced).
+RANK_WRAPPER = ("python3", "-m", "launcher.backends.slurm.rank", "--")
+
+
+def step_command(
+    rendered: Rendered, inner: list[str], rank_wrapper: list[str] | tuple[str, ...] = RANK_WRAPPER
+) -> list[str]:
+    """The rank command under the runtime: PREFIX, the rank wrapper (`rank_wrapper` with the
+    image's interpreter), then `inner` (entry_argv(spec, rendered.python))."""
+    return [*rendered.prefix, rendered.python, *rank_wrapper[1:], *inner]
