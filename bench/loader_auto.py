@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 # name: (dataset kwargs, model kwargs, micro batch, steps); step cost from the model width.
 WORKLOADS: dict[str, dict] = {
     # CPU-heavy decode-like samples, a tiny step: workers help.
-    "decode": {"data": {"kind": "decode", "work": 10}, "model": {"width": 32}, "batch": 16},
+    "decode": {"data": {"kind": "decode", "work": 6}, "model": {"width": 32}, "batch": 16},
     # In-memory samples, a heavy step: workers only add copies and steal the step's CPUs.
     "memory": {"data": {"kind": "memory"}, "model": {"width": 384}, "batch": 64},
     # Big samples (192 KiB each), cheap to make: the cost is moving them between processes.
@@ -41,8 +41,12 @@ WORKLOADS: dict[str, dict] = {
     # Some per-sample work and a step of about the same cost: the CPUs are contended.
     "balanced": {"data": {"kind": "decode", "work": 5}, "model": {"width": 512}, "batch": 16},
 }
-STEPS_FIXED = 90
-STEPS_AUTO = 200
+# Every job is a 10-minute job (time_min: 10, so auto's default budget, 12 s, applies) with
+# steps enough for that, stopped early by a StopRequest as a preemption would: a fixed setting
+# after FIXED_S seconds (the second half of its steps is timed), auto once it has chosen.
+FIXED_S = 4.0
+AUTO_MAX_S = 60.0
+STEPS = 1_000_000
 
 
 # --- the workloads (imported by the trainer as `loader_auto:build_...`) ---------------------
@@ -85,7 +89,6 @@ class BenchData:
 
 def build_dataset(**kwargs):
     return BenchData(**kwargs)
-
 
 
 def build_model(width: int = 64, kind: str = ""):
@@ -132,9 +135,18 @@ def steady_rate(metrics: Path) -> float:
     return len(window) * batch / sum(r["step_time_s"] for r in window)
 
 
+def _chosen(metrics: Path) -> bool:
+    try:
+        return '"event": "loader"' in metrics.read_text()
+    except OSError:
+        return False
+
+
 def child(args: argparse.Namespace) -> None:
+    import threading
+
     from launcher import schema
-    from launcher.runtime.trainer import train
+    from launcher.runtime.trainer import StopRequest, train
     from launcher.spec import JobSpec
 
     sys.path.insert(0, str(HERE))
@@ -142,19 +154,20 @@ def child(args: argparse.Namespace) -> None:
     w = WORKLOADS[args.workload]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base_port = int(os.environ.get("MASTER_PORT", "29500"))
+    rank = int(os.environ.get("RANK", "0"))
     for n, workers in enumerate(jobs):
         auto = workers == "auto"
-        steps = STEPS_AUTO if auto else STEPS_FIXED
-        data = {"size": max(4096, steps * w["batch"] * world)} | w["data"]
+        data = {"size": 65536} | w["data"]
         config = {
             "name": "bench",
-            "loader": {"num_workers": workers, "measure_budget_s": 60},
+            "resources": {"time_min": 10},
+            "loader": {"num_workers": workers},
             "train": {
                 "model": "loader_auto:build_model",
                 "model_kwargs": w["model"] | {"kind": w["data"]["kind"]},
                 "dataset": "loader_auto:build_dataset",
                 "dataset_kwargs": data,
-                "steps": steps,
+                "steps": STEPS,
                 "global_batch_size": w["batch"] * world,
                 "checkpoint_every": 10_000,
                 "log_every": 10_000,
@@ -163,12 +176,31 @@ def child(args: argparse.Namespace) -> None:
         spec = schema.build(JobSpec, config, file="bench.yaml")
         run_dir = Path(args.out) / f"job{n}"
         environ = dict(os.environ, MASTER_PORT=str(base_port + 1 + n))
-        t0 = time.perf_counter()
-        train(spec, run_dir, environ=environ, handle_signals=False)
-        wall = time.perf_counter() - t0
-        if int(os.environ.get("RANK", "0")) != 0:
-            continue
         metrics = run_dir / "metrics.jsonl"
+        stop = StopRequest()
+        done = threading.Event()
+
+        def stopper(auto: bool = auto, metrics: Path = metrics, done=done, stop=stop) -> None:
+            """Rank 0 stops the job (the others follow, as after a signal to one rank)."""
+            t0 = time.monotonic()
+            while not done.is_set():
+                elapsed = time.monotonic() - t0
+                if not auto and elapsed > FIXED_S:
+                    break
+                if auto and (elapsed > AUTO_MAX_S or _chosen(metrics)):
+                    break
+                time.sleep(0.05)
+            stop.request()
+
+        watcher = threading.Thread(target=stopper, daemon=True)
+        if rank == 0:
+            watcher.start()
+        t0 = time.perf_counter()
+        train(spec, run_dir, environ=environ, handle_signals=False, stop=stop)
+        wall = time.perf_counter() - t0
+        done.set()
+        if rank != 0:
+            continue
         out: dict = {"workers": workers, "rate": steady_rate(metrics), "wall_s": wall}
         if auto:
             for line in metrics.read_text().splitlines():
@@ -182,7 +214,7 @@ def child(args: argparse.Namespace) -> None:
         print(json.dumps(out), flush=True)
 
 
-def run_group(procs: int, workload: str, jobs: list, port: int) -> list[dict]:
+def run_group(procs: int, workload: str, jobs: list, port: int, threads: int) -> list[dict]:
     """`procs` ranks run the same jobs in the same order; rank 0's results."""
     out = tempfile.mkdtemp(prefix="loader_auto.")
     argv = [sys.executable, __file__, "--child", "--workload", workload]
@@ -192,6 +224,13 @@ def run_group(procs: int, workload: str, jobs: list, port: int) -> list[dict]:
     env.pop("LAUNCHER_NUM_WORKERS", None)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(procs))
     env["LOCAL_WORLD_SIZE"] = str(procs)
+    if threads:
+        # On a machine shared with other jobs, two intra-op threads of a small step spend most
+        # of their time waiting for each other (10-30 ms steps instead of 1-2 ms, and wild
+        # swings between runs); one thread keeps the step's cost steady between runs.
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     running = []
     for rank in range(procs):
         renv = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -211,6 +250,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument(
+        "--step-threads",
+        type=int,
+        default=1,
+        help="intra-op threads of each rank's step (0: the trainer's split of the CPUs)",
+    )
+    parser.add_argument("--json-out", help="write every run's figures here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", help=argparse.SUPPRESS)
@@ -241,7 +287,7 @@ def main() -> int:
                 order: list = grid if r % 2 == 0 else grid[::-1]
                 jobs = order[: len(order) // 2] + ["auto"] + order[len(order) // 2 :]
                 port += 1 + len(jobs)
-                for res in run_group(procs, workload, jobs, port):
+                for res in run_group(procs, workload, jobs, port, args.step_threads):
                     if res["workers"] == "auto":
                         autos.append(res)
                     else:
@@ -254,6 +300,8 @@ def main() -> int:
                 {
                     "procs": procs,
                     "workload": workload,
+                    "runs": rates,
+                    "auto_runs": autos,
                     "grid": med,
                     "best": best_w,
                     "auto": [a["chosen"] for a in autos],
@@ -268,9 +316,15 @@ def main() -> int:
                 }
             )
             row = rows[-1]
+            spread = statistics.median(
+                (max(v) - min(v)) / statistics.median(v) for v in rates.values()
+            )
+            row["spread"] = spread
             print(
-                f"\n{workload} x {procs} proc(s): samples/s by num_workers "
-                + "  ".join(f"{w}:{med[w]:.0f}" for w in grid)
+                f"\n{workload} x {procs} proc(s): samples/s by num_workers (median [min-max]) "
+                + "  ".join(
+                    f"{w}:{med[w]:.0f} [{min(rates[w]):.0f}-{max(rates[w]):.0f}]" for w in grid
+                )
             )
             print(
                 f"  best {best_w} ({best:.0f}/s); auto chose {row['auto']} -> "
@@ -284,17 +338,19 @@ def main() -> int:
     print(f"\nload average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(
         "\n| workload | procs | best of grid | auto picks | auto (median / worst) | "
-        "rule (2/CPU) | Lightning (CPUs-1) | race s | lost s |"
+        "rule (2/CPU) | Lightning (CPUs-1) | race s | lost s | grid spread |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['workload']} | {row['procs']} | {row['best']} | "
             f"{','.join(map(str, row['auto']))} | {row['auto_share_median']:.0%} / "
             f"{row['auto_share_worst']:.0%} | {row['rule']}: {row['rule_share']:.0%} | "
             f"{row['lightning']}: {row['lightning_share']:.0%} | {row['race_s']:.1f} | "
-            f"{row['overhead_s']:.1f} |"
+            f"{row['overhead_s']:.1f} | {row['spread']:.0%} |"
         )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1, default=str))
     ok = all(row["auto_share_worst"] >= 0.95 for row in rows)
     print(f"\nverdict: auto >= 95% of the best on every workload: {'yes' if ok else 'NO'}")
     return 0

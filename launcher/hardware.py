@@ -340,3 +340,31 @@ def shm_bytes_needed(
     """Shared memory worker batches need: procs x workers x prefetch x batch bytes, with margin."""
     in_flight = max(1, picks.num_workers) * (picks.prefetch_factor or 1)
     return int(local_world_size * in_flight * batch_size * sample_bytes * margin)
+
+
+def measured_loader(run_dir: str | Path, limit: int = 8 * 1024**2) -> dict | None:
+    """The `loader` event (what `num_workers: auto` measured and chose) of a run, or None.
+
+    For `launcher status RUN --json`, without torch. The event comes in the first steps, so
+    only the head of metrics.jsonl is read; the last such event wins (a resumed run that
+    measured again). A damaged line is skipped.
+    """
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    found = None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(limit)
+    except OSError:
+        return None
+    for line in head.splitlines():
+        if b'"loader"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "loader":
+            found = record
+    return found

@@ -30,8 +30,18 @@ class EntrypointSpec:
     callable: str | None = field(
         default=None, metadata=_meta(pattern=CALLABLE_PATTERN, pattern_help=CALLABLE_HELP)
     )
-    # Interpreter for the job's processes; null: the one running `launcher`.
+    # Interpreter for the job's processes; null: the one running `launcher`. It needs only
+    # what the script imports: launcher's own wrappers run with launcher's interpreter.
     python: str | None = None
+    # The signal every process gets before preemption and the time limit (Slurm), and on
+    # `launcher cancel` / Ctrl-C (local, Docker), `stop_grace_s` before SIGKILL. auto: USR2
+    # for the built-in trainer; on Slurm USR1 for a script that imports Lightning (its
+    # auto-requeue saves hpc_ckpt_*.ckpt and resumes from it); TERM otherwise.
+    stop_signal: Literal["auto", "TERM", "USR1", "USR2", "INT"] = "auto"
+    # Seconds to save after the stop signal; null: slurm.signal_delay_s - 10 (at least 10)
+    # before the time limit on Slurm (preemption: the partition's GraceTime), and
+    # local.stop_grace_s on local and Docker.
+    stop_grace_s: float | None = field(default=None, metadata=_meta(min=0.0, max=3600.0))
 
     @property
     def kind(self) -> Literal["script", "callable", "trainer"]:
@@ -292,7 +302,8 @@ class SlurmSpec:
     setup: tuple[str, ...] = ()
     srun_args: tuple[str, ...] = ()
     max_requeue: int = field(default=3, metadata=_meta(min=0, max=100))
-    # Slurm sends USR2 this long before the time limit so the job can checkpoint.
+    # Slurm signals the batch shell (USR2) this long before the time limit; its host task
+    # then sends entrypoint.stop_signal to every rank so the job can checkpoint.
     signal_delay_s: int = field(default=90, metadata=_meta(min=0))
     container: ContainerSpec | None = None
     # Sweeps: max running array tasks (%N) and the cluster's MaxArraySize if known.

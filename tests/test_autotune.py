@@ -21,7 +21,13 @@ import pytest
 import torch
 
 from launcher import schema
-from launcher.hardware import Hardware, LoaderPicks, pick_loader, worker_candidates
+from launcher.hardware import (
+    Hardware,
+    LoaderPicks,
+    measured_loader,
+    pick_loader,
+    worker_candidates,
+)
 from launcher.runtime import autotune
 from launcher.runtime import checkpoint as ckpt
 from launcher.runtime.loader import ResumableSampler, make_loader, resolve_picks, tuner_for
@@ -260,6 +266,10 @@ def test_trainer_reuses_a_remembered_result_across_runs(tmp_path: Path, cache: P
     (a,), (b,) = events(tmp_path / "a", "loader"), events(tmp_path / "b", "loader")
     assert a["source"] == "measured" and b["source"] == "cache" and b["step"] == 1
     assert a["num_workers"] == b["num_workers"] and b["batches"] == 0
+    # What `launcher status RUN --json` shows, read without torch.
+    shown = measured_loader(tmp_path / "a")
+    assert shown is not None and shown["num_workers"] == a["num_workers"]
+    assert shown["table"] == a["table"] and measured_loader(tmp_path / "none") is None
 
 
 def test_make_loader_auto_measures_the_loader_alone(cache: Path) -> None:

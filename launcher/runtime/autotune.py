@@ -15,9 +15,9 @@ How, in short:
 - Rate: samples/s between handing out batches, i.e. loader wait + the real step, after the
   first `1 + workers` batches of the slot (worker start-up and the head start their first
   batches get while the consumer waits).
-- Successive halving: round r gives every surviving candidate one slot of 8 x 2^r measured
+- Successive halving: round r gives every surviving candidate one slot of 12 x 2^r timed
   batches; after a round, the slower half and anything under CLEARLY_WORSE of the best leave;
-  the last two race once more. Slots go in alternating order per round so drift cancels.
+  the last two race once more, A B B A. Slots go in alternating order per round so drift cancels.
 - Choice: the fewest workers within TOLERANCE of the best pooled rate (memory, /dev/shm and
   fork cost argue for fewer). Out of budget or batches: the best measured so far, or the rule.
 - Ranks: every rank runs the same slots (their lengths are a function of the round only), and
@@ -39,6 +39,7 @@ import math
 import os
 import socket
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence, Sized
@@ -58,7 +59,11 @@ CACHE_VERSION = 1
 TOLERANCE = 0.04
 # Under this share of the best after a round: out at once (halving or not).
 CLEARLY_WORSE = 0.75
-FIRST_WINDOW = 8  # measured batches per candidate in round 0; doubles each round
+FIRST_WINDOW = 12  # timed batches per candidate in round 0 at least; doubles each round
+# Round 0's timed window lasts this long at least (doubling each round): a window of a few
+# milliseconds measures the machine's other load, not the setting.
+MIN_WINDOW_S = 0.4
+MAX_WINDOW = 4096
 MAX_ROUNDS = 4
 # Default budget: this share of the job's time limit, within [BUDGET_MIN_S, BUDGET_MAX_S].
 BUDGET_SHARE = 0.02
@@ -259,9 +264,10 @@ class Race:
             return
         self.survivors = keep
         self.round += 1
-        # Alternate the order each round, so a slow drift of the machine does not favour one.
+        # Alternate the order each round, so a slow drift of the machine does not favour one;
+        # the last two race A B B A for the same reason.
         order = sorted(keep) if self.round % 2 == 0 else sorted(keep, reverse=True)
-        self.queue = order
+        self.queue = order + order[::-1] if len(order) <= 2 else order
 
     def stop(self, why: str) -> None:
         """Out of budget or batches: the best measured so far, or the rule's pick."""
@@ -440,6 +446,7 @@ class LoaderTuner:
         self._batches = 0
         self._last_batch: Any = None
         self._pin_figures: dict[str, Any] | None = None
+        self.window0: int | None = None  # round 0's timed batches, sized by the probe
         self._setup(own, cached, picks.measure_pin and uses_gpu)
         if self.done:
             self._settle()
@@ -466,6 +473,7 @@ class LoaderTuner:
         self.races: list[Race] = []
         self.from_cache = False
         self.pin_choice: bool | None = None
+        pin_unknown = False
         for node in range(len(hosts)):
             # The node's lowest local rank speaks for it (candidates and cache are per node).
             lead = min(
@@ -479,9 +487,11 @@ class LoaderTuner:
                 self.from_cache = True
                 if isinstance(lead["cached_pin"], bool):
                     self.pin_choice = lead["cached_pin"]
+            pin_unknown = pin_unknown or not isinstance(lead["cached_pin"], bool)
             self.races.append(race)
-        # The same on every rank: pin is measured where the job trains on a GPU (all ranks).
-        self.measure_pin = measure_pin and self.pin_choice is None
+        # The same on every rank (it is a collective): pin is measured when any node does not
+        # remember it; a node that does takes part and keeps its own.
+        self.measure_pin = measure_pin and pin_unknown
         self.max_workers = max(max(r.candidates) for r in self.races)
 
     @property
@@ -494,9 +504,25 @@ class LoaderTuner:
 
     def slot_length(self, round_: int) -> int:
         """Batches per slot in this round: the same on every rank of every node."""
-        window = max(FIRST_WINDOW * 2**round_, 2 * self.max_workers)
+        window = max((self.window0 or FIRST_WINDOW) * 2**round_, 2 * self.max_workers)
         length = _warmup(self.max_workers) + window
         return length + (-length) % self.accum
+
+    def _after_probe(self, measured: int, seconds: float) -> None:
+        """Size round 0's window from the probe: MIN_WINDOW_S on the fastest node, and the
+        whole race within half the job's remaining batches (same numbers on every rank)."""
+        mine = seconds / measured if measured > 0 and seconds > 0 else -1.0
+        per_batch = [row[0] for row in self.exchange.floats([mine]) if row[0] > 0]
+        window = FIRST_WINDOW
+        if per_batch:
+            window = max(window, math.ceil(MIN_WINDOW_S / min(per_batch)))
+        if self.batches_left is not None:
+            n = max(len(r.candidates) for r in self.races)
+            warm = _warmup(self.max_workers)
+            # Round 0 is n slots of w, the last two race A B B A with 2w: (n + 8) w in all.
+            room = (self.batches_left - self._batches) / 2 - (n + 4) * warm
+            window = min(window, max(FIRST_WINDOW, int(room // (n + 8))))
+        self.window0 = min(window, MAX_WINDOW)
 
     # --- loaders ---
 
@@ -608,6 +634,16 @@ class LoaderTuner:
         available = len(indices) // b if self.drop_last else math.ceil(len(indices) / b)
         usable = available - available % self.accum
         pos = 0
+        while not self.races_done and self.window0 is None:
+            # A probe with the leader (the rule's pick): how long a batch takes here.
+            length = _warmup(self.max_workers) + FIRST_WINDOW
+            length += (-length) % self.accum
+            if pos + length > usable:
+                yield from self._run(self.race.leader, indices[pos * b : usable * b])
+                return
+            seconds = yield from self._run(self.race.leader, indices[pos * b : (pos + length) * b])
+            pos += length
+            self._after_probe(length - _warmup(self.race.leader), seconds)
         while not self.races_done:
             self._stop_if_no_room()
             if self.races_done:
@@ -706,7 +742,8 @@ class LoaderTuner:
         """Pinned vs pageable host-to-device copies of a batch of the job's own, per node."""
         figures = [math.nan, math.nan]
         batch = self._last_batch
-        if batch is not None:
+        remembered = self.pin_choice
+        if batch is not None and remembered is None:
             device = self.device or torch.device("cuda", torch.cuda.current_device())
             pageable = _map_tensors(batch, lambda t: t.clone())
             pinned = _map_tensors(batch, lambda t: t.pin_memory())
@@ -722,8 +759,11 @@ class LoaderTuner:
         rows = self.exchange.floats(figures)
         node = [r for rank, r in enumerate(rows) if self.node_of[rank] == self.my_node]
         pinned_s, pageable_s = max(r[0] for r in node), max(r[1] for r in node)
-        self.pin_choice = bool(pinned_s < PIN_GAIN * pageable_s)
         self.measure_pin = False
+        if remembered is not None:
+            return
+        # NaN (no batch to copy) compares false: pageable, as without a measurement.
+        self.pin_choice = bool(pinned_s < PIN_GAIN * pageable_s)
         self._pin_figures = {
             "pinned_copy_s": pinned_s,
             "pageable_copy_s": pageable_s,
@@ -744,3 +784,136 @@ def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         moved = [_map_tensors(v, fn) for v in batch]
         return tuple(moved) if isinstance(batch, tuple) else moved
     return batch
+
+
+# --- `launcher hw --measure CONFIG` ----------------------------------------------------
+
+
+def measure_candidates(
+    dataset: Dataset,
+    batch_size: int,
+    candidates: Sequence[int],
+    *,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    batches: int = 24,
+    repeats: int = 3,
+) -> list[dict[str, Any]]:
+    """Every candidate's loader-alone batches/s (median of `repeats`, alternating order).
+
+    The training step is not in these figures: they are what the loader can deliver, the
+    ceiling the trainer's own measurement (with its step) works under.
+    """
+    size = len(cast(Sized, dataset))
+    rates: dict[int, list[float]] = {w: [] for w in candidates}
+    for r in range(repeats):
+        order = list(candidates) if r % 2 == 0 else list(candidates)[::-1]
+        for w in order:
+            need = (_warmup(w) + batches) * batch_size
+            indices = [i % size for i in range(r * need, (r + 1) * need)]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*worker processes in total.*")
+                loader = DataLoader(
+                    dataset,
+                    batch_size=batch_size,
+                    sampler=_Slice(indices),
+                    num_workers=w,
+                    collate_fn=collate_fn,
+                    drop_last=True,
+                )
+                it = iter(loader)
+            try:
+                for _ in range(_warmup(w)):
+                    next(it)
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    next(it)
+                rates[w].append(batches / (time.perf_counter() - t0))
+            finally:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+    return [
+        {
+            "num_workers": w,
+            "batches_per_s": round(statistics.median(v), 2),
+            "samples_per_s": round(statistics.median(v) * batch_size, 1),
+            "runs": [round(x, 2) for x in v],
+        }
+        for w, v in rates.items()
+    ]
+
+
+def measure_config(
+    config: str, overrides: Sequence[str] = (), procs: int | None = None
+) -> dict[str, Any]:
+    """What `launcher hw --measure CONFIG` prints: the config's dataset, micro batch and
+    candidates on this machine, each candidate's loader-alone rate, and the rule's pick."""
+    from launcher import config as config_mod
+    from launcher.hardware import detect, rule_workers
+    from launcher.runtime import models
+    from launcher.runtime.trainer import batch_plan
+
+    spec = config_mod.load(config, list(overrides)).spec
+    procs = procs or spec.resources.tasks_per_node
+    world = spec.resources.world_size
+    micro, _ = batch_plan(spec.train, world)
+    hw = detect()
+    built = models.build(spec.train)
+    candidates = worker_candidates(hw, procs)
+    rows = measure_candidates(built.dataset, micro, candidates, collate_fn=built.collate_fn)
+    best = max(rows, key=lambda r: r["batches_per_s"])
+    return {
+        "config": config,
+        "dataset": built.description,
+        "micro_batch_size": micro,
+        "procs": procs,
+        "hardware": hw.to_dict(),
+        "rule": rule_workers(hw, procs)[0],
+        "candidates": rows,
+        "fastest": best["num_workers"],
+        "note": "the loader alone: the training step, which shares the CPUs, is not in these "
+        "figures; num_workers: auto measures with it",
+    }
+
+
+def format_measure(report: Mapping[str, Any]) -> str:
+    lines = [
+        f"{report['dataset']}, micro batch {report['micro_batch_size']}, "
+        f"{report['procs']} process(es), {report['hardware']['cpus']} CPUs",
+        f"  {'num_workers':>11} {'batches/s':>10} {'samples/s':>10}",
+    ]
+    for row in report["candidates"]:
+        note = "  <- rule" if row["num_workers"] == report["rule"] else ""
+        note += "  <- fastest" if row["num_workers"] == report["fastest"] else ""
+        lines.append(
+            f"  {row['num_workers']:>11} {row['batches_per_s']:>10.1f} "
+            f"{row['samples_per_s']:>10.0f}{note}"
+        )
+    lines.append(f"  ({report['note']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m launcher.runtime.autotune CONFIG [overrides] [--json]`: what
+    `launcher hw --measure CONFIG` prints."""
+    import argparse
+
+    from launcher.errors import LauncherError
+
+    parser = argparse.ArgumentParser(prog="python -m launcher.runtime.autotune")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--procs", type=int)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        report = measure_config(args.config, args.overrides, args.procs)
+    except LauncherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_measure(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
