@@ -67,7 +67,9 @@ class ResourcesSpec:
     gpus_per_node: int = field(default=0, metadata=_meta(min=0, max=64))
     cpus_per_proc: int | None = field(default=None, metadata=_meta(min=1, max=1024))
     mem_gb: float | None = field(default=None, metadata=_meta(min=0.001))
-    time_min: int = field(default=60, metadata=_meta(min=1))
+    # Time limit in minutes; null: 60 on Slurm, no limit on local/Docker (there it applies
+    # only when set: the ranks get entrypoint.stop_signal, SIGKILL after the grace).
+    time_min: int | None = field(default=None, metadata=_meta(min=1))
 
     @property
     def tasks_per_node(self) -> int:

@@ -58,12 +58,14 @@ def _launch(runs_dir: Path, cfg: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _config(write_config, script: str, *args: str, procs: int = 2, time_min: int = 5) -> Path:
+def _config(
+    write_config, script: str, *args: str, procs: int = 2, time_min: int = 5, grace: float = 2
+) -> Path:
     return write_config(
         f"name: hardening\nworkdir: {ROOT}\n"
         f"entrypoint: {{script: {JOBS / script}, args: {json.dumps(list(args))}}}\n"
         f"resources: {{procs_per_node: {procs}, time_min: {time_min}}}\n"
-        "local: {stop_grace_s: 2}\n"
+        f"local: {{stop_grace_s: {grace}}}\n"
     )
 
 
@@ -108,7 +110,7 @@ def test_sigkilled_supervisor_leaves_no_grandchild(runs_dir, write_config, mode)
     print(f"{mode}: {len(pids)} processes gone {elapsed:.2f}s after SIGKILL of the supervisor")
     assert elapsed < 10  # grace 2 s
     log = (run_dir / "logs" / "rank0.log").read_text()
-    assert "the supervisor is gone: stopping the rank" in log
+    assert "the supervisor is gone: sending SIGTERM to the rank" in log
     status = launcher_cmd("status", "--json", f"--runs-dir={runs_dir}")
     record = json.loads(status.stdout)[0]
     assert record["state"] == "FAILED"
@@ -313,7 +315,14 @@ def _plan(runs_dir: Path, write_config, script: str = "sleeper.py"):
 
 def test_missing_interpreter_fails_the_run_with_one_line(runs_dir, write_config):
     cfg = _config(write_config, "sleeper.py")
-    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "entrypoint.python=/nonexistent/py")
+    # Past the preflight (which refuses it up front): a file can vanish between the two.
+    out = launcher_cmd(
+        "run",
+        str(cfg),
+        f"runs_dir={runs_dir}",
+        "entrypoint.python=/nonexistent/py",
+        "--no-preflight",
+    )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == (
@@ -420,16 +429,22 @@ def test_cancel_after_every_rank_exited_0_is_completed(runs_dir, write_config):
 
 
 def test_time_limit_stops_a_stopped_rank_and_says_so(runs_dir, write_config):
-    cfg = _config(write_config, "sleeper.py", time_min=1)
+    """The stop signal comes first at the time limit, with SIGCONT to a stopped rank: the
+    plain script (tests/jobs/save_on_stop.py) saves its checkpoint, then the run fails."""
+    import torch
+
+    cfg = _config(write_config, "save_on_stop.py", time_min=1, grace=20)
     plan = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--dry-run")
     assert "time limit: 1 min" in plan.stdout
     start = time.monotonic()
     proc = _launch(runs_dir, cfg, "--quiet")
     run_dir = _only_run(runs_dir)
     _wait_for(
-        lambda: (run_dir / "pid-rank1").exists() and (run_dir / "pid-rank0").exists(), 60, "ranks"
+        lambda: (run_dir / "ready-rank1").exists() and (run_dir / "ready-rank0").exists(),
+        60,
+        "ranks",
     )
-    pids = [int((run_dir / f"pid-rank{r}").read_text()) for r in (0, 1)]
+    pids = [int((run_dir / f"ready-rank{r}").read_text()) for r in (0, 1)]
     os.kill(pids[0], signal.SIGSTOP)
     _wait_for(lambda: runs.read_record(run_dir).get("warning"), 10, "the stopped-rank note")
     assert (
@@ -444,6 +459,11 @@ def test_time_limit_stops_a_stopped_rank_and_says_so(runs_dir, write_config):
     assert "launcher: run FAILED: time limit of 1 min reached" in err
     record = runs.read_record(run_dir)
     assert record["state"] == "FAILED"
-    assert record["error"].startswith("time limit of 1 min reached (resources.time_min)")
+    assert record["error"].startswith(
+        "time limit of 1 min reached (resources.time_min); every rank got SIGTERM and 20 s"
+    )
     assert "rank 0" in record["error"] and "stopped by a signal" in record["error"]
     assert not any(_alive(p) for p in pids)
+    saved = torch.load(run_dir / "checkpoints" / "stopped.pt")
+    assert saved["signal"] == "SIGTERM" and saved["step"] >= 1
+    assert record["exit_codes"] == {"0": 0, "1": 0}  # both saved and exited by themselves

@@ -32,10 +32,15 @@ class ProcEntry(TypedDict):
 
 
 class SupervisorPayload(TypedDict, total=False):
-    """What the local supervisor runs (also inside a Docker container)."""
+    """What the local supervisor runs (also inside a Docker container): plan.json."""
 
     procs: list[ProcEntry]
+    # The signal every rank gets first on cancel, Ctrl-C, the time limit or another rank's
+    # failure (`entrypoint.stop_signal` resolved: "TERM", "USR1", ...), SIGKILL after the grace.
+    stop_signal: str
     stop_grace_s: float
+    # resources.time_min in seconds; None: no limit (time_min not set in the config).
+    time_limit_s: float | None
     container: dict[str, Any]
 
 

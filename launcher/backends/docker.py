@@ -8,6 +8,11 @@ ends FAILED with the reason and leaves no container. A foreground container live
 long as the launcher that started it: its supervisor treats the attached stdin as a lifeline
 (the engine closes it when our connection drops, kill -9 included), and the engine removes
 the container (auto_remove), so nothing depends on this process surviving to clean up.
+
+The supervisor runs with the image's own python (IMAGE_PYTHON: the image's launcher); only
+the ranks run `entrypoint.python`, which needs what the script imports and no launcher.
+`launcher cancel` and Ctrl-C reach the supervisor as SIGTERM and SIGINT, and every rank gets
+the job's stop signal first, SIGKILL after the grace, as on the local backend.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -33,6 +39,8 @@ from launcher.backends.local.supervisor import (
     prepare_run_dir,
     process_table,
     require_one_node,
+    stop_lines,
+    stop_settings,
 )
 from launcher.entrypoint import entry_argv
 from launcher.errors import BackendError, ConfigError
@@ -41,7 +49,11 @@ from launcher.image import image_for
 from launcher.spec import JobSpec
 
 LABEL = "launcher.run"
+# The image's python that has launcher (the first `python` on the image's PATH: /opt/venv in
+# images `launcher build` makes); it runs the supervisor, whatever entrypoint.python is.
 IMAGE_PYTHON = "python"
+# Seconds the engine gets on top of the ranks' grace and the guards' margin to stop it.
+STOP_MARGIN_S = 5
 # When the config gives no sample size: a 3x224x224 float32 image, a common upper bound.
 DEFAULT_SAMPLE_BYTES = 3 * 224 * 224 * 4
 MIN_SHM_BYTES = 256 * 1024**2
@@ -152,7 +164,7 @@ class DockerBackend:
         user = spec.docker.user or f"{os.getuid()}:{os.getgid()}"
         container = {
             "image": image_for(spec),
-            "command": [python, "-m", "launcher.backends.local", str(run_dir), "--echo"],
+            "command": [IMAGE_PYTHON, "-m", "launcher.backends.local", str(run_dir), "--echo"],
             "name": f"launcher-{runs.slug(spec.name)[:40]}-{run_id}",
             "labels": {LABEL: run_id, "launcher.run_dir": str(run_dir)},
             "environment": {
@@ -176,7 +188,7 @@ class DockerBackend:
         }
         payload: SupervisorPayload = {
             "procs": procs,
-            "stop_grace_s": spec.local.stop_grace_s,
+            **stop_settings(spec, self.name),
             "container": container,
         }
         return Plan(
@@ -184,7 +196,7 @@ class DockerBackend:
             spec=spec,
             run_id=run_id,
             run_dir=run_dir,
-            text=_render(spec, run_dir, container, procs, picks, shm_why),
+            text=_render(spec, run_dir, payload, picks, shm_why),
             payload=payload,
             config_file=config_file,
         )
@@ -235,7 +247,14 @@ class DockerBackend:
             raise BackendError(message) from None
         if not foreground:
             return 0
-        return _follow(container, plan.run_dir, auto_remove=spec["auto_remove"], lifeline=lifeline)
+        grace = float(plan.payload.get("stop_grace_s", 5.0))
+        return _follow(
+            container,
+            plan.run_dir,
+            auto_remove=spec["auto_remove"],
+            lifeline=lifeline,
+            stop_timeout_s=int(grace + GUARD_MARGIN_S) + STOP_MARGIN_S,
+        )
 
     def refresh(self, run_dirs: list[Path]) -> None:
         """One container listing for every run; a vanished container ends its run, and one
@@ -297,7 +316,7 @@ class DockerBackend:
         if container is not None and container.status == "running":
             # SIGTERM to the in-container supervisor: it stops every rank and records the end.
             grace = float(_plan(run_dir).get("stop_grace_s", 5.0))
-            container.stop(timeout=int(grace + GUARD_MARGIN_S) + 5)
+            container.stop(timeout=int(grace + GUARD_MARGIN_S) + STOP_MARGIN_S)
             note = "cancelled; the container stopped without a final record"
         elif container is not None:
             _remove(container)
@@ -434,7 +453,39 @@ def _wait(container: Any, auto_remove: bool) -> dict[str, Any] | None:
         return None
 
 
-def _follow(container: Any, run_dir: Path, *, auto_remove: bool, lifeline: Any) -> int:
+def _interrupt(container: Any, timeout_s: int) -> None:
+    """Ctrl-C: SIGINT to the supervisor (tini forwards it), which gives every rank the stop
+    signal and the grace; SIGKILL by the engine only if it is still running after
+    `timeout_s`. Further Ctrl-Cs are ignored meanwhile: the stop is already bounded."""
+    import docker
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        print(
+            f"launcher: stopping the container (Ctrl-C): the ranks get their stop signal, "
+            f"SIGKILL after at most {timeout_s} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            container.kill(signal="SIGINT")
+            container.wait(timeout=timeout_s, condition="not-running")
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            pass  # not running any more
+        except Exception:  # requests' ReadTimeout/ConnectionError: still running
+            try:
+                container.stop(timeout=0)
+            except docker.errors.NotFound:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _follow(
+    container: Any, run_dir: Path, *, auto_remove: bool, lifeline: Any, stop_timeout_s: int = 15
+) -> int:
     """Stream the container's output to the terminal and container.log; wait; clean up."""
     import docker
 
@@ -455,10 +506,7 @@ def _follow(container: Any, run_dir: Path, *, auto_remove: bool, lifeline: Any) 
         try:
             result = _wait(container, auto_remove)
         except KeyboardInterrupt:
-            try:
-                container.stop(timeout=15)
-            except docker.errors.NotFound:
-                pass
+            _interrupt(container, stop_timeout_s)
             result = _wait(container, auto_remove)
     finally:
         thread.join(timeout=5)
@@ -489,11 +537,12 @@ def _follow(container: Any, run_dir: Path, *, auto_remove: bool, lifeline: Any) 
 def _render(
     spec: JobSpec,
     run_dir: Path,
-    container: dict[str, Any],
-    procs: list[ProcEntry],
+    payload: SupervisorPayload,
     picks: LoaderPicks,
     shm_why: str,
 ) -> str:
+    container: dict[str, Any] = payload["container"]
+    procs: list[ProcEntry] = payload["procs"]
     shm = container["shm_size"]
     lines = [
         "# launcher plan (docker backend): nothing has been started; the daemon was not asked",
@@ -508,8 +557,7 @@ def _render(
         f"cpus:      {spec.docker.cpus or 'no limit'}    memory: "
         f"{container['mem_limit'] or 'no limit'}",
         f"gpus:      {json.dumps(container['gpus']) if container['gpus'] else 'none'}",
-        f"time limit: {spec.resources.time_min} min (resources.time_min; the ranks are stopped "
-        "then)",
+        *stop_lines(payload),
         "mounts:",
         *(
             f"  {m['source']} -> {m['target']}{' (ro)' if m['read_only'] else ''}"

@@ -38,6 +38,8 @@ from launcher.backends.local.supervisor import (
     process_table,
     require_one_node,
     run_marker,
+    stop_lines,
+    stop_settings,
     supervise,
 )
 from launcher.entrypoint import entry_argv
@@ -80,13 +82,13 @@ class LocalBackend:
             master_port=spec.local.master_port or PORT_AT_START,
             config_file=config_file,
         )
-        payload: SupervisorPayload = {"procs": procs, "stop_grace_s": spec.local.stop_grace_s}
+        payload: SupervisorPayload = {"procs": procs, **stop_settings(spec, self.name)}
         return Plan(
             backend=self.name,
             spec=spec,
             run_id=run_id,
             run_dir=run_dir,
-            text=render(spec, run_dir, procs, picks),
+            text=render(spec, run_dir, payload, picks),
             payload=payload,
             config_file=config_file,
         )
@@ -191,15 +193,16 @@ class LocalBackend:
         return job_checks(plan, python=python_for(plan.spec))
 
 
-def render(spec: JobSpec, run_dir: Path, procs: list[ProcEntry], picks: LoaderPicks) -> str:
+def render(spec: JobSpec, run_dir: Path, payload: SupervisorPayload, picks: LoaderPicks) -> str:
     """The dry-run text: every process with its working dir, launcher-set env and argv."""
     res = spec.resources
+    procs: list[ProcEntry] = payload["procs"]
     lines = [
         "# launcher plan (local backend): nothing has been started",
         f"run dir:    {run_dir}",
         f"processes:  {res.tasks_per_node} on this machine (world size {res.tasks_per_node})",
         f"entrypoint: {spec.entrypoint.kind}",
-        f"time limit: {res.time_min} min (resources.time_min; the ranks are stopped then)",
+        *stop_lines(payload),
         "loader picks per process:",
     ]
     for key in ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor"):

@@ -5,10 +5,15 @@ so a SIGKILLed supervisor used to leave the ranks' own children (DataLoader work
 subprocess the script started, a daemon that called setsid) running under PID 1. The guard is
 a child subreaper, so everything the rank starts stays below it whatever it does with
 sessions and groups; it holds the read end of a pipe whose write end only the supervisor
-holds. EOF there (the supervisor is gone, however it died), SIGTERM (a stop) or the rank's
-exit all end the same way: the whole tree below the guard gets SIGTERM (and SIGCONT, so a
-stopped process handles it), then SIGKILL after the grace period. The guard exits with the
-rank's status, so the supervisor reads the rank's exit code from it.
+holds. EOF there (the supervisor is gone, however it died) or SIGTERM/SIGINT/SIGHUP (a stop:
+cancel, Ctrl-C, the time limit, another rank's failure) send the job's stop signal
+(`entrypoint.stop_signal`, given on the command line) to the rank alone, once, with SIGCONT so
+a stopped rank handles it: it saves and exits in its own way, and its DataLoader workers are
+its own business. Whatever of the tree still runs after the grace period gets SIGKILL. When
+the rank exits by itself, what it left running gets SIGTERM, then SIGKILL after the grace. The
+guard exits with the rank's status, so the supervisor reads the rank's exit code from it. A
+rank that cannot even be started (no such interpreter) gets the reason in its log, which is
+the guard's output.
 
 Identities: a pid alone names a different process once it is reused, so records keep the
 pid with its start time (/proc/<pid>/stat field 22), the boot id and the PID namespace, and
@@ -241,13 +246,37 @@ def stop_tree(root: int, grace_s: float, *, reaped: dict[int, int] | None = None
         time.sleep(0.02)
         reaped.update(reap())
         left = descendants(root)
+    if left:
+        kill_tree(root, reaped=reaped)
+    return targets
+
+
+def kill_tree(root: int, *, reaped: dict[int, int]) -> None:
+    """SIGKILL everything below `root` (a subreaper: this process) until nothing is left."""
     deadline = time.monotonic() + KILL_TIMEOUT_S
+    left = descendants(root)
     while left and time.monotonic() < deadline:
         signal_all(left, signal.SIGKILL)
         time.sleep(0.01)
         reaped.update(reap())
         left = descendants(root)
-    return targets
+
+
+def stop_rank(root: int, child: int, sig: int, grace_s: float, *, reaped: dict[int, int]) -> None:
+    """The rank (`child`, unreaped, so its pid is its own) gets `sig` and SIGCONT, and
+    `grace_s` to exit. If it does, what it left gets SIGTERM and the rest of the grace;
+    if not, everything below `root` gets SIGKILL."""
+    deadline = time.monotonic() + grace_s
+    signal_all([child], sig)
+    signal_all([child], signal.SIGCONT)
+    while child not in reaped and time.monotonic() < deadline:
+        time.sleep(0.02)
+        reaped.update(reap())
+    if child in reaped:
+        if descendants(root):
+            stop_tree(root, max(0.0, deadline - time.monotonic()), reaped=reaped)
+        return
+    kill_tree(root, reaped=reaped)
 
 
 # --- the guard ---------------------------------------------------------------------------
@@ -288,8 +317,18 @@ def _exit_like(status: int | None) -> NoReturn:
     os._exit(128 + sig)
 
 
-def run_guard(grace_s: float, lifeline: int, report: int, argv: list[str]) -> NoReturn:
-    """Start argv below this process, watch it and the lifeline, stop the tree, exit alike."""
+def signal_number(name: str) -> int:
+    """ "TERM", "SIGUSR2", "15" -> the signal's number."""
+    if name.isdigit():
+        return int(name)
+    return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
+
+
+def run_guard(
+    grace_s: float, lifeline: int, report: int, argv: list[str], stop_sig: int = signal.SIGTERM
+) -> NoReturn:
+    """Start argv below this process, watch it and the lifeline, stop the rank with
+    `stop_sig` (SIGKILL after the grace), exit alike."""
     me = os.getpid()
     set_subreaper()
     stop: list[str] = []
@@ -306,7 +345,9 @@ def run_guard(grace_s: float, lifeline: int, report: int, argv: list[str]) -> No
         )
     except (OSError, ValueError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        _report(report, "error " + json.dumps(f"{detail}: {argv[0] if argv else ''}"))
+        reason = f"{detail}: {argv[0] if argv else ''}"
+        _say(f"cannot start the rank: {reason}")  # into the rank's log: `status` shows it
+        _report(report, "error " + json.dumps(reason))
         os._exit(127)
     # The rank is not reaped yet, so its /proc entry is there even if it exited already.
     _report(report, "started " + json.dumps(identity(child.pid)))
@@ -326,8 +367,11 @@ def run_guard(grace_s: float, lifeline: int, report: int, argv: list[str]) -> No
         reaped.update(reap())
     if child.pid not in reaped:
         why = "the supervisor is gone" if parent_gone else f"got {stop[0]}"
-        _say(f"{why}: stopping the rank (pid {child.pid}) and every process below it")
-        stop_tree(me, grace_s, reaped=reaped)
+        _say(
+            f"{why}: sending {signal.Signals(stop_sig).name} to the rank (pid {child.pid}); "
+            f"SIGKILL to it and every process below it after {grace_s:g} s"
+        )
+        stop_rank(me, child.pid, stop_sig, grace_s, reaped=reaped)
     else:
         left = descendants(me)
         if left:
@@ -340,10 +384,12 @@ def run_guard(grace_s: float, lifeline: int, report: int, argv: list[str]) -> No
 
 
 def main(args: list[str]) -> NoReturn:
-    """`guard.py GRACE_S LIFELINE_FD REPORT_FD -- ARGV...` (only the supervisor calls it)."""
+    """`guard.py GRACE_S LIFELINE_FD REPORT_FD [STOP_SIGNAL] -- ARGV...` (only the supervisor
+    calls it; STOP_SIGNAL is a name like TERM or USR2, TERM when absent)."""
     sep = args.index("--")
     grace_s, lifeline, report = float(args[0]), int(args[1]), int(args[2])
-    run_guard(grace_s, lifeline, report, args[sep + 1 :])
+    stop_sig = signal_number(args[3]) if sep > 3 else signal.SIGTERM
+    run_guard(grace_s, lifeline, report, args[sep + 1 :], stop_sig)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 """The process supervisor: runs on this machine, or as the main process of a Docker container.
 
 It starts every rank under its own guard (`guard.py`), watches them, and stops all ranks
-promptly when one fails, when it is cancelled, when the time limit (`resources.time_min`)
-is reached, or (in a container run in the foreground) when the launcher that started it
-goes away. The guards stop everything below them when the supervisor dies, even by SIGKILL,
-so no rank, DataLoader worker or process a rank started is left behind. The final state
-comes from the ranks' exits: a stop that arrives after every rank exited 0 is COMPLETED.
+promptly when one fails, when it is cancelled (`launcher cancel`, Ctrl-C), when the time
+limit (`resources.time_min`, only when the config sets it) is reached, or (in a container run
+in the foreground) when the launcher that started it goes away. A stop gives every rank the
+job's stop signal first (`stop_signal` in the plan: `entrypoint.stop_signal` resolved), so a
+script can save, and SIGKILL after `stop_grace_s`. The guards stop everything below them when
+the supervisor dies, even by SIGKILL, so no rank, DataLoader worker or process a rank started
+is left behind. The final state comes from the ranks' exits: a stop that arrives after every
+rank exited 0 is COMPLETED; a rank that dies by a signal fails the run, also when that
+happens at interpreter exit after its work was done.
+
+It imports launcher and the standard library, never the job's code: inside a container it
+runs with the image's own python, and only the ranks run `entrypoint.python`, which needs no
+launcher.
 `python -m launcher.backends.local RUN_DIR` runs it detached (`--detach`) or in a container;
 the plan it runs is `plan.json` in the run dir.
 """
@@ -25,9 +33,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from launcher import config, runs
-from launcher.backends.base import Plan, ProcEntry
+from launcher.backends.base import Plan, ProcEntry, SupervisorPayload
 from launcher.backends.local import guard
-from launcher.entrypoint import dist_env, job_env
+from launcher.entrypoint import dist_env, job_env, stop_grace_s, stop_signal
 from launcher.errors import BackendError, ConfigError
 from launcher.hardware import LoaderPicks, detect_cpus
 from launcher.ports import free_port
@@ -43,6 +51,17 @@ GUARD_MARGIN_S = 5.0
 REPORT_TIMEOUT_S = 60.0
 GUARD = Path(guard.__file__).resolve()
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Signals a crashing process dies by (not a kill from outside).
+CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+# How a crash announces itself in a log: C++ std::terminate, CPython, glibc, the shell.
+CRASH_MARKERS = (
+    "terminate called",
+    "Fatal Python error",
+    "Segmentation fault",
+    "double free",
+    "corrupted",
+    "core dumped",
+)
 
 
 def alive(pid: int) -> bool:
@@ -81,6 +100,30 @@ def require_one_node(spec: JobSpec, config_file: str | None, backend: str, hint:
             file=config_file,
             key="resources.nodes",
         )
+
+
+def stop_settings(spec: JobSpec, backend: str) -> SupervisorPayload:
+    """The plan's stop signal, grace and time limit for the local and Docker backends. The
+    limit applies only when the config sets resources.time_min (null: none here)."""
+    minutes = spec.resources.time_min
+    return {
+        "stop_signal": stop_signal(spec, backend),
+        "stop_grace_s": stop_grace_s(spec, backend),
+        "time_limit_s": None if minutes is None else float(minutes * 60),
+    }
+
+
+def stop_lines(payload: SupervisorPayload) -> list[str]:
+    """What the dry-run says about stopping: the time limit and the stop signal."""
+    limit = payload.get("time_limit_s")
+    grace = payload.get("stop_grace_s", 5.0)
+    sig = payload.get("stop_signal", "TERM")
+    shown = "none (resources.time_min not set)" if limit is None else f"{limit / 60:g} min"
+    return [
+        f"time limit: {shown}",
+        f"stop:       SIG{sig} to every rank on cancel, Ctrl-C, the time limit or a failed "
+        f"rank; SIGKILL {grace:g} s later (entrypoint.stop_signal / stop_grace_s)",
+    ]
 
 
 def process_table(
@@ -165,7 +208,6 @@ def prepare_run_dir(plan: Plan, backend: str = "local") -> None:
         # The docker backend shares the host network here, so a free host port works there too.
         port = str(free_port(procs[0]["env"]["MASTER_ADDR"]))
         payload["procs"] = [{**p, "env": {**p["env"], "MASTER_PORT": port}} for p in procs]
-    payload["time_limit_s"] = plan.spec.resources.time_min * 60
     runs.atomic_write_json(run_dir / PLAN_FILE, payload)
     record = runs.new_record(
         run_id=plan.run_id,
@@ -217,6 +259,8 @@ class _Rank:
     ident: dict[str, Any]
     log: Path
     code: int | None = None
+    ended: float | None = None  # time.time() when its exit was seen
+    stopped_by_launcher: bool = False  # still running when the supervisor stopped every rank
 
 
 @dataclass(frozen=True)
@@ -269,12 +313,14 @@ class _Supervisor:
         self.lifeline_stdin = lifeline_stdin
         self.payload = json.loads((run_dir / PLAN_FILE).read_text())
         self.grace = float(self.payload.get("stop_grace_s", 5.0))
+        self.stop_signal = str(self.payload.get("stop_signal") or "TERM")
         self.limit_s = self.payload.get("time_limit_s")
         self.procs: list[ProcEntry] = self.payload["procs"]
         self.logs = {p["rank"]: Path(p["log"]) for p in self.procs}
         self.echo = _Echo(self.logs, echo)
         self.ranks: dict[int, _Rank] = {}
         self.stopped: dict[int, str] = {}  # rank -> what was seen when it was found stopped
+        self.oom_at_start = _oom_kills()
 
     def close_lifeline(self) -> None:
         """Once every guard holds its copy; closed exactly once (fd numbers are reused)."""
@@ -332,7 +378,8 @@ class _Supervisor:
     def _start(self, proc: ProcEntry) -> _Rank:
         report_r, report_w = os.pipe()
         argv = [sys.executable, "-I", "-S", str(GUARD)]
-        argv += [str(self.grace), str(self.lifeline_r), str(report_w), "--", *proc["argv"]]
+        argv += [str(self.grace), str(self.lifeline_r), str(report_w), self.stop_signal]
+        argv += ["--", *proc["argv"]]
         try:
             with open(proc["log"], "ab") as log:
                 popen = subprocess.Popen(
@@ -376,7 +423,7 @@ class _Supervisor:
             # Exits first: ranks that ended before a stop was noticed decide the outcome.
             for r in self.ranks.values():
                 if r.code is None and (code := r.guard.poll()) is not None:
-                    r.code = code
+                    r.code, r.ended = code, time.time()
                     if code != 0 and failed is None:
                         failed = r.rank
             done = len(self.ranks) == expected and all(
@@ -403,12 +450,27 @@ class _Supervisor:
                 self._check_stopped()
                 next_check = now + STATE_CHECK_S
             time.sleep(POLL_S)
+        if stop is not None:
+            self._announce_stop(stop.error.partition(";")[0])
+        elif failed is not None:
+            self._announce_stop(f"rank {failed} failed")
         self._stop_all()
         self.echo.pump(final=True)
         return self._finish(stop, failed)
 
     def _finish(self, stop: _Stop | None, failed: int | None) -> int:
         codes = {str(r): self.ranks[r].code for r in sorted(self.ranks)}
+        # What launcher/triage.py needs to tell the first failure from its consequences.
+        ends = {
+            str(r.rank): {
+                "code": r.code,
+                "ended": r.ended,
+                "stopped_by_launcher": r.stopped_by_launcher,
+            }
+            for r in sorted(self.ranks.values(), key=lambda r: r.rank)
+        }
+        oom = max(0, _oom_kills() - self.oom_at_start)
+        runs.update_record(self.run_dir, rank_ends=ends, oom_kills=oom)
         if stop is not None:
             runs.update_record(
                 self.run_dir,
@@ -426,7 +488,7 @@ class _Supervisor:
             return stop.exit_code
         if failed is not None:
             log = self.logs[failed]
-            error = f"{_exit_text(failed, self.ranks[failed].code)} (log: {log})"
+            error = f"{self._exit_text(failed)} (log: {log})"
             runs.update_record(
                 self.run_dir,
                 state="FAILED",
@@ -444,10 +506,39 @@ class _Supervisor:
         runs.update_record(self.run_dir, state="COMPLETED", ended_at=runs.now(), exit_codes=codes)
         return 0
 
+    def _exit_text(self, rank: int) -> str:
+        """Why this rank failed, in words: its exit code or signal, and for a crash the
+        C++/Python abort line of its log and whether every other rank had exited 0 (a
+        crash at interpreter exit, after the work was done, is a failure all the same)."""
+        code = self.ranks[rank].code
+        text = _exit_text(rank, code)
+        if code is None or -code not in CRASH_SIGNALS:
+            return text
+        line = _crash_line(self.logs[rank])
+        if line:
+            text += f"; its log says {line!r}"
+        others = [r for r in self.ranks.values() if r.rank != rank]
+        if others and all(r.code == 0 for r in others):
+            text += "; every other rank exited 0"
+        return text
+
+    def _announce_stop(self, why: str) -> None:
+        running = [r.rank for r in self.ranks.values() if r.code is None]
+        if running:
+            print(
+                f"launcher: {why}: rank(s) {', '.join(map(str, running))} get SIG"
+                f"{self.stop_signal} to save and exit, SIGKILL after {self.grace:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
     def _time_limit_error(self) -> str:
         limit = float(self.limit_s)
         text = f"{limit / 60:g} min" if limit % 60 == 0 else f"{limit:g} s"
-        error = f"time limit of {text} reached (resources.time_min); all ranks were stopped"
+        error = (
+            f"time limit of {text} reached (resources.time_min); every rank got "
+            f"SIG{self.stop_signal} and {self.grace:g} s to save, then was stopped"
+        )
         if self.stopped:
             error += "; " + "; ".join(self.stopped[r] for r in sorted(self.stopped))
         return error
@@ -484,10 +575,12 @@ class _Supervisor:
             runs.update_record(self.run_dir, backend_info=info, warning=warning)
 
     def _stop_all(self) -> None:
-        """SIGTERM every running guard (it stops its rank's whole tree within the grace
-        period), SIGKILL a guard that outlives that, then kill what the run left below us."""
+        """SIGTERM every running guard (it sends its rank the stop signal and stops the
+        rank's whole tree within the grace period), SIGKILL a guard that outlives that,
+        then kill what the run left below us."""
         running = [r for r in self.ranks.values() if r.guard.poll() is None]
         for r in running:
+            r.stopped_by_launcher = True
             r.guard.send_signal(signal.SIGTERM)  # our unreaped child: the pid is still its own
         deadline = time.monotonic() + self.grace + GUARD_MARGIN_S
         for r in running:
@@ -501,7 +594,7 @@ class _Supervisor:
                 r.guard.wait()
         for r in self.ranks.values():
             if r.code is None:
-                r.code = r.guard.returncode
+                r.code, r.ended = r.guard.returncode, time.time()
         # Only after a guard was SIGKILLed can anything be left; it carries the run's marker.
         marker = run_marker(self.payload, self.run_dir)
         left = [p for p in guard.descendants(os.getpid()) if guard.environ_has(p, marker)]
@@ -516,10 +609,60 @@ class _Supervisor:
 
 def _exit_text(rank: int, code: int | None) -> str:
     if code is not None and code < 0:
-        name = signal.Signals(-code).name
+        name = _signal_name(-code)
+        if -code == signal.SIGABRT:
+            return f"rank {rank} aborted ({name})"
+        if -code in CRASH_SIGNALS:
+            return f"rank {rank} crashed ({name})"
         hint = " (the kernel's out-of-memory killer sends SIGKILL)" if -code == 9 else ""
         return f"rank {rank} was killed by {name}{hint}"
     return f"rank {rank} exited with code {code}"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _crash_line(log: Path) -> str | None:
+    """The last line of the log that says how the process died (std::terminate, a fatal
+    Python error, a segfault), if there is one in its last lines."""
+    lines = runs.tail(log, 30).splitlines()
+    for line in reversed(lines):
+        if any(marker in line for marker in CRASH_MARKERS):
+            return runs.printable(line.strip())[:200]
+    return None
+
+
+def _oom_kills() -> int:
+    """The kernel's count of OOM kills in this process's memory cgroup (v2 memory.events,
+    v1 memory.oom_control), 0 when it cannot be read. Inside a container it is the
+    container's cgroup, so a memory limit's kill is counted even when the rank's guard
+    reports only SIGKILL."""
+    try:
+        with open("/proc/self/cgroup") as fh:
+            entries = [line.rstrip("\n").split(":", 2) for line in fh]
+    except OSError:
+        return 0
+    candidates = []
+    for _, controllers, where in (e for e in entries if len(e) == 3):
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup") / where.lstrip("/") / "memory.events")
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory")
+            candidates.append(base / where.lstrip("/") / "memory.oom_control")
+            candidates.append(base / "memory.oom_control")  # a container's own view
+    for path in candidates:
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
+        except OSError:
+            continue
+    return 0
 
 
 def _closed(fd: int) -> bool:
