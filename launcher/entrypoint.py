@@ -67,3 +67,76 @@ def job_env(spec: JobSpec, *, run_dir: Path | str, picks: LoaderPicks | None) ->
         env.update(picks.as_env())
     env.update(spec.env)
     return env
+
+
+# Imports that mean "a Lightning Trainer script": its auto-requeue listens for SIGUSR1 on Slurm
+# (lightning.fabric alone has no such handler).
+_LIGHTNING = ("pytorch_lightning", "lightning.pytorch")
+
+
+def imports_lightning(path: str | Path) -> bool:
+    """Does this Python file import Lightning's Trainer package? Parsed with `ast`, never run;
+    False when the file cannot be read or parsed."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "lightning":
+                # `from lightning import Trainer` is the Trainer; `... import fabric` is not.
+                names = [f"lightning.{a.name}" for a in node.names]
+                names = [n for n in names if n != "lightning.fabric"] or ["lightning.fabric"]
+                names = ["lightning.pytorch" if n != "lightning.fabric" else n for n in names]
+            else:
+                names = [node.module]
+        else:
+            continue
+        for name in names:
+            if name == "lightning" or name.startswith(_LIGHTNING):
+                return True
+    return False
+
+
+def entry_file(spec: JobSpec) -> Path | None:
+    """The file the entrypoint runs (a script, or a callable's module found under workdir);
+    None for the built-in trainer or when it is not found here."""
+    ep, workdir = spec.entrypoint, Path(spec.workdir or ".")
+    if ep.kind == "script" and ep.script:
+        return workdir / ep.script
+    if ep.kind == "callable" and ep.callable:
+        module = ep.callable.partition(":")[0].replace(".", "/")
+        for candidate in (workdir / f"{module}.py", workdir / module / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def stop_signal(spec: JobSpec, backend: str | None = None) -> str:
+    """The signal the job's processes get to stop and save (`entrypoint.stop_signal`, auto
+    resolved for `backend`): USR2 for the built-in trainer; on Slurm USR1 for Lightning (its
+    SLURMEnvironment saves an HPC checkpoint and requeues on USR1; off Slurm it has no USR1
+    handler, and USR1 would kill it); TERM for everything else."""
+    ep = spec.entrypoint
+    if ep.stop_signal != "auto":
+        return ep.stop_signal
+    if ep.kind == "trainer":
+        return "USR2"
+    found = entry_file(spec)
+    if backend == "slurm" and found is not None and imports_lightning(found):
+        return "USR1"
+    return "TERM"
+
+
+def stop_grace_s(spec: JobSpec, backend: str | None = None) -> float:
+    """Seconds the processes get after the stop signal before SIGKILL (`entrypoint.stop_grace_s`;
+    null: on Slurm slurm.signal_delay_s - 10, at least 10; elsewhere local.stop_grace_s)."""
+    if spec.entrypoint.stop_grace_s is not None:
+        return spec.entrypoint.stop_grace_s
+    if backend == "slurm":
+        return float(max(10, spec.slurm.signal_delay_s - 10))
+    return spec.local.stop_grace_s

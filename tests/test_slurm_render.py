@@ -166,6 +166,7 @@ def test_container_is_rendered_for_pyxis(tmp_path):
         tmp=tmp_path,
     )
     step = plan.payload.step
+    assert step is not None
     assert "--container-image=registry/train:abc" in step
     mounts = next(a for a in step if a.startswith("--container-mounts="))
     assert "/data:/data:ro" in mounts and str(plan.run_dir) in mounts
@@ -177,10 +178,13 @@ def test_container_is_rendered_for_pyxis(tmp_path):
         "entrypoint.script=null",
         "entrypoint.args=[]",
     )
-    bad = launcher_cmd(
-        "run", "configs/slurm-2nodes.yaml", *callable_cfg, "slurm.container.image=x", "--dry-run"
+    # A callable is one more srun step like a script: it runs in the container too.
+    plan = _plan(
+        ROOT / "configs/slurm-2nodes.yaml", *callable_cfg, "slurm.container.image=x", tmp=tmp_path
     )
-    assert bad.returncode == 2 and "slurm.container" in bad.stderr
+    step = plan.payload.step
+    assert step[-4:] == ["python3", "-m", "launcher.call", "tests.jobs.callables:ddp_sum"]
+    assert "--container-image=x" in step
 
 
 def test_sbatch_test_only_accepts_every_example_config(tmp_path):

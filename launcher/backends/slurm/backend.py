@@ -4,9 +4,9 @@
 importing submitit or touching the cluster. `submit()` imports submitit and runs sbatch.
 Status comes from ONE sacct + squeue query for every run shown (`status`).
 
-Script and built-in-trainer jobs run as one `srun` step started from the batch shell
-(`batch.StepTask`), so requeue decisions stay on the host even when the ranks run in a
-container. Callables run through submitit in every task (`batch.CallableTask`).
+Every job (script, callable, built-in trainer) runs as one `srun` step started from the
+batch shell (`batch.StepTask`), so requeue decisions stay on the host even when the ranks
+run in a container, and every rank gets `entrypoint.stop_signal` the same way.
 
 The record follows Slurm, never launcher's own wish: a refused (or unanswered) sbatch leaves
 the run FAILED with the reason; `cancel` asks sacct first and records CANCELLED only when
@@ -45,11 +45,12 @@ from launcher.backends.slurm.status import (
     query_states,
     run_slurm_command,
 )
+from launcher.entrypoint import stop_grace_s
 from launcher.errors import BackendError, LauncherError
 from launcher.spec import JobSpec
 
 if TYPE_CHECKING:
-    from launcher.backends.slurm.batch import CallableTask, StepTask
+    from launcher.backends.slurm.batch import StepTask
     from launcher.hardware import Hardware
 
 
@@ -271,28 +272,19 @@ def _executor(folder: Path, spec: JobSpec, params: dict[str, Any], sbatch_timeou
     return executor
 
 
-def task_for(plan: Plan[SlurmPayload]) -> StepTask | CallableTask:
-    """The submitit callable for a plan: the host-side step, or the callable in every task."""
-    from launcher.backends.slurm.batch import CallableTask, StepTask
+def task_for(plan: Plan[SlurmPayload]) -> StepTask:
+    """The submitit callable for a plan: the host side of its one srun step."""
+    from launcher.backends.slurm.batch import StepTask
 
-    spec, env = plan.spec, plan.payload.env
-    if plan.payload.step:
-        grace = max(10, spec.slurm.signal_delay_s - 10)
-        return StepTask(
-            plan.payload.step,
-            str(plan.run_dir),
-            spec.slurm.max_requeue,
-            grace,
-            env,
-            signal_delay_s=spec.slurm.signal_delay_s,
-            world_size=spec.resources.world_size,
-        )
-    return CallableTask(
-        spec.entrypoint.callable or "",
-        env["LAUNCHER_CONFIG"],
+    spec = plan.spec
+    return StepTask(
+        plan.payload.step or [],
         str(plan.run_dir),
-        spec.workdir or ".",
-        env,
+        spec.slurm.max_requeue,
+        stop_grace_s(spec, "slurm"),
+        plan.payload.env,
+        signal_delay_s=spec.slurm.signal_delay_s,
+        world_size=spec.resources.world_size,
     )
 
 

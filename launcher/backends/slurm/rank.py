@@ -1,14 +1,27 @@
 """Runs on every rank, under srun: derive the torchrun-style variables, then run the entrypoint.
 
-`srun ... python -m launcher.backends.slurm.rank -- ARGV...` runs on every task (also inside a
-pyxis container), so it is pure standard library plus `launcher.hardware`. It keeps all
-SLURM_* variables (a Lightning script with `Trainer(num_nodes=N)` works unchanged), sets
-RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, picks the loader
-settings from the hardware this task really got, forwards signals to the child, and
-writes the child's exit code to `<run_dir>/exits/rank<N>.json` so a failed run can name
+`srun ... LAUNCHER_PYTHON rank.py --stop-signal=SIG -- ARGV...` runs on every task. It is pure
+standard library and runs with launcher's own interpreter (the one the batch shell `exec`s),
+never the job's: the job's `entrypoint.python` needs only what the script imports. Run by
+path it needs no launcher install at all (inside a container: any python of the image).
+
+It keeps all SLURM_* variables (a Lightning script with `Trainer(num_nodes=N)` works
+unchanged), sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, picks
+the loader settings from the hardware this task really got (when launcher is importable),
+and writes the child's exit code to `<run_dir>/exits/rank<N>.json` so a failed run can name
 its first failing rank. Those files are also the proof that a rank ran at all: srun exits 0
 when it could not start the tasks (no run folder on the node), so a run is COMPLETED only
 when every rank wrote its exit file, with 0, in the job's current attempt (`missing_ranks`).
+
+Signals: whatever asks this task to stop (TERM from Slurm at preemption or an administrator's
+requeue, the host task's stop file before the time limit and at preemption, INT, USR1)
+reaches the child as ONE signal, `--stop-signal` (`entrypoint.stop_signal`: USR1 for
+Lightning, TERM for plain scripts, USR2 for the built-in trainer), once per attempt. Slurm's
+own TERM also reaches the script directly (Slurm signals every process of a step), so a
+script must not die of TERM before it saved; repeats from here are dropped.
+`<run_dir>/bin` goes first on the child's PATH: its `scontrol` turns a rank's
+`scontrol requeue <this job>` (Lightning's auto-requeue) into a request that the host task
+carries out, so the job has one requeuer.
 """
 
 from __future__ import annotations
@@ -25,7 +38,21 @@ from pathlib import Path
 
 # Same value as launcher.runtime.REQUEUE_EXIT_CODE (EX_TEMPFAIL); not imported: no torch here.
 REQUEUE_EXIT_CODE = 75
-FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGCONT)
+# What may ask a task to stop: Slurm's TERM (preemption, requeue, scancel), the USR2 the host
+# task relays before the time limit, INT, USR1 (`scancel --signal`), HUP.
+STOP_TRIGGERS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+# The signals a child may be asked to stop with (`entrypoint.stop_signal`).
+STOP_SIGNALS = ("TERM", "USR1", "USR2", "INT")
+# The folder in the run dir whose `scontrol` shim goes first on the ranks' PATH.
+SHIM_DIR = "bin"
+# Requests of `scontrol requeue` from ranks, one file per rank and attempt.
+REQUEUE_DIR = "requeue"
+# The host task's word to stop, one file per attempt (`stop-restart<N>`): a file, not a
+# signal through srun, because Slurm delivers a step's signals to every process of it, the
+# script included, and USR2 would kill a script that does not handle it.
+STOP_FILE = "stop-restart{restart}"
+# Lines of the rank's log kept in its exit file when it failed (the status shows them).
+ERROR_TAIL_LINES = 3
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -83,6 +110,7 @@ def write_exit(
     code: int,
     started: float,
     error: str | None = None,
+    **extra: str,
 ) -> None:
     """exits/rank<N>.json for this task and attempt (SLURM_RESTART_COUNT), atomically."""
     exits = Path(run_dir) / "exits"
@@ -99,6 +127,7 @@ def write_exit(
     }
     if error:
         record["error"] = error
+    record.update(extra)
     tmp = exits / f".rank{rank}.json.tmp"
     tmp.write_text(json.dumps(record))
     os.replace(tmp, exits / f"rank{rank}.json")
@@ -136,22 +165,58 @@ def never_reported(ranks: list[int]) -> str:
     )
 
 
+def _log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
+    """The last non-empty lines of this rank's log: why a child failed before it said more."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join("".join(c if c.isprintable() else "?" for c in x)[:300] for x in kept)
+
+
+def _parse(argv: list[str]) -> tuple[str, list[str]] | None:
+    stop = "TERM"
+    while argv and argv[0] != "--":
+        flag, _, value = argv[0].partition("=")
+        if flag != "--stop-signal" or value not in STOP_SIGNALS:
+            return None
+        stop, argv = value, argv[1:]
+    return (stop, argv[1:]) if argv[:1] == ["--"] and argv[1:] else None
+
+
+def _loader_picks(env: dict[str, str]) -> dict[str, str]:
+    """Loader picks for this task's hardware; none when launcher cannot be imported here (a
+    container's python: scripts choose their own loaders, the built-in trainer picks itself)."""
+    try:
+        from launcher.hardware import detect, pick_loader
+        from launcher.spec import LoaderSpec
+    except ImportError:
+        return {}
+    return pick_loader(detect(env), int(env["LOCAL_WORLD_SIZE"]), LoaderSpec()).as_env()
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
-    if not argv:
-        print("usage: python -m launcher.backends.slurm.rank -- COMMAND...", file=sys.stderr)
+    parsed = _parse(sys.argv[1:] if argv is None else argv)
+    if parsed is None:
+        print(
+            f"usage: rank.py [--stop-signal={'|'.join(STOP_SIGNALS)}] -- COMMAND...",
+            file=sys.stderr,
+        )
         return 2
+    stop_name, argv = parsed
+    stop = getattr(signal, f"SIG{stop_name}")
     env = dict(os.environ)
     env.update(dist_env_from_slurm(env))
     if "LAUNCHER_NUM_WORKERS" not in env:
-        from launcher.hardware import detect, pick_loader
-        from launcher.spec import LoaderSpec
-
-        picks = pick_loader(detect(env), int(env["LOCAL_WORLD_SIZE"]), LoaderSpec())
-        env.update(picks.as_env())
+        env.update(_loader_picks(env))
     run_dir = env.get("LAUNCHER_RUN_DIR")
+    if run_dir and (Path(run_dir) / SHIM_DIR / "scontrol").is_file():
+        env["PATH"] = os.pathsep.join([str(Path(run_dir) / SHIM_DIR), env.get("PATH", "")])
+    rank = env["RANK"]
     started = time.time()
     try:
         child = subprocess.Popen(argv, env=env)
@@ -161,19 +226,43 @@ def main(argv: list[str] | None = None) -> int:
         if run_dir:
             write_exit(run_dir, env, 127, started, error=f"cannot start {argv[0]}: {exc}")
         return 127
+    asked: list[str] = []
+
+    def on_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if child.poll() is not None:
+            return
+        if asked:
+            print(f"launcher: rank {rank}: {name} again; SIG{stop_name} was sent", file=sys.stderr)
+            return
+        asked.append(name)
+        print(f"launcher: rank {rank}: {name} -> SIG{stop_name} to the script", file=sys.stderr)
+        child.send_signal(stop)
 
     def forward(signum: int, _frame: object) -> None:
         if child.poll() is None:
             child.send_signal(signum)
 
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
-    code = child.wait()
+    for sig in STOP_TRIGGERS:
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGCONT, forward)
+    stop_file = None
     if run_dir:
-        write_exit(run_dir, env, code, started)
-    if code == REQUEUE_EXIT_CODE:
-        # The rank saved a checkpoint and stopped for requeue: not a failure, so srun's
-        # --kill-on-bad-exit must not kill the ranks that are still saving.
+        restart = env.get("SLURM_RESTART_COUNT", "0")
+        stop_file = Path(run_dir) / STOP_FILE.format(restart=restart)
+    while (code := child.poll()) is None:
+        if stop_file is not None and not asked and stop_file.exists():
+            on_stop(signal.SIGUSR2, None)  # the host task relays a time limit or preemption
+        time.sleep(0.2)
+    if run_dir:
+        stopped = {"stop_signal": stop_name, "stopped_by": asked[0]} if asked else {}
+        error = None
+        if code not in (0, REQUEUE_EXIT_CODE) and not asked:
+            error = _log_tail(Path(run_dir) / "logs" / f"rank{rank}.log") or None
+        write_exit(run_dir, env, code, started, error=error, **stopped)
+    if code == REQUEUE_EXIT_CODE or (asked and code in (0, -stop)):
+        # Stopped for requeue (saved, or killed by a stop signal it does not handle): not a
+        # failure, so srun's --kill-on-bad-exit must not kill the ranks that are still saving.
         return 0
     return code if code >= 0 else 128 - code
 

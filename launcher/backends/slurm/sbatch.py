@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.backends.base import SlurmPayload
-from launcher.entrypoint import entry_argv, job_env
+from launcher.entrypoint import entry_argv, job_env, stop_grace_s, stop_signal
 from launcher.errors import ConfigError
 from launcher.image import image_for
 from launcher.spec import JobSpec
@@ -44,6 +44,9 @@ USR_SIG = "USR2"
 
 # slurm.* keys that are plain `#SBATCH --key=value` settings.
 SBATCH_KEYS = ("partition", "account", "qos", "constraint")
+
+# The time limit when the config gives none.
+DEFAULT_TIME_MIN = 60
 
 # CPUs per GPU task when the config does not say: the main loop plus a few loader workers.
 DEFAULT_CPUS_PER_GPU_TASK = 5
@@ -146,8 +149,9 @@ def cpus_per_task(spec: JobSpec) -> int:
 
 
 def step_mode(spec: JobSpec) -> bool:
-    """Scripts and the built-in trainer run as one srun step from the batch shell."""
-    return spec.entrypoint.kind != "callable"
+    """Every entrypoint (script, callable, built-in trainer) runs as one srun step started
+    from the batch shell, so one host task signals the ranks and requeues the job."""
+    return True
 
 
 def executor_params(spec: JobSpec) -> dict[str, Any]:
@@ -158,7 +162,8 @@ def executor_params(spec: JobSpec) -> dict[str, Any]:
         "nodes": res.nodes,
         "ntasks_per_node": res.tasks_per_node,
         "cpus_per_task": cpus_per_task(spec),
-        "time": res.time_min,
+        # Unset (the schema may allow null): Slurm's runs get an hour.
+        "time": getattr(res, "time_min", None) or DEFAULT_TIME_MIN,
         "signal_delay_s": sl.signal_delay_s,
     }
     if res.gpus_per_node:
@@ -205,6 +210,20 @@ def container_args(spec: JobSpec, run_dir: Path) -> list[str]:
     ]
 
 
+def rank_wrapper(spec: JobSpec) -> list[str]:
+    """The per-rank wrapper (rank.py) and its interpreter: launcher's own (the batch shell
+    `exec`s it too), never the job's, which needs only what the script imports; inside a
+    container, the image's python (the project image has launcher)."""
+    python = spec.slurm.container.python if spec.slurm.container else sys.executable
+    return [
+        python,
+        "-m",
+        "launcher.backends.slurm.rank",
+        f"--stop-signal={stop_signal(spec, 'slurm')}",
+        "--",
+    ]
+
+
 def step_argv(spec: JobSpec, run_dir: Path) -> list[str]:
     """The srun command the batch shell runs: every rank, one log file per rank."""
     python = spec.slurm.container.python if spec.slurm.container else None
@@ -219,10 +238,7 @@ def step_argv(spec: JobSpec, run_dir: Path) -> list[str]:
         *([] if spec.slurm.container else [f"--chdir={spec.workdir}"]),
         *container_args(spec, run_dir),
         *spec.slurm.srun_args,
-        inner[0],
-        "-m",
-        "launcher.backends.slurm.rank",
-        "--",
+        *rank_wrapper(spec),
         *inner,
     ]
 
@@ -441,12 +457,14 @@ def check(spec: JobSpec, config_file: str | None, run_dir: Path | None = None) -
     exactly what it says (see the module docstring); one ConfigError line, nothing written."""
     for key, message, hint in problems(spec, run_dir):
         raise ConfigError(message, file=config_file, key=key, hint=hint)
-    if spec.slurm.container and spec.entrypoint.kind == "callable":
+    grace = spec.entrypoint.stop_grace_s
+    if grace is not None and spec.slurm.signal_delay_s and grace >= spec.slurm.signal_delay_s:
         raise ConfigError(
-            "a container runs script or built-in-trainer entrypoints (requeue is decided on "
-            "the host); run callables without slurm.container",
+            f"{grace:g} s to save is not less than slurm.signal_delay_s "
+            f"({spec.slurm.signal_delay_s} s): the time limit would kill the ranks while they save",
             file=config_file,
-            key="slurm.container",
+            key="entrypoint.stop_grace_s",
+            hint="raise slurm.signal_delay_s or lower entrypoint.stop_grace_s",
         )
 
 
@@ -463,17 +481,15 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         "# the pickled task runs with this environment:",
         *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
     ]
-    if payload.step:
-        lines += [
-            "# and starts this job step from the batch shell (first node); it forwards "
-            f"{USR_SIG} to the ranks and requeues (at most {spec.slurm.max_requeue} times):",
-            "MASTER_ADDR=$SLURMD_NODENAME MASTER_PORT=<free port> " + shlex.join(payload.step),
-            "# every task sets RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID "
-            "WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE and keeps SLURM_*",
-        ]
-    else:
-        lines.append(
-            f"# every task calls {spec.entrypoint.callable}(spec) with RANK, "
-            "WORLD_SIZE, MASTER_ADDR, MASTER_PORT exported"
-        )
+    sig = stop_signal(spec, "slurm")
+    lines += [
+        "# and starts this job step from the batch shell (first node). Before preemption and "
+        f"the time limit every rank gets SIG{sig}",
+        f"# and {stop_grace_s(spec, 'slurm'):g} s to save (preemption: the partition's "
+        f"GraceTime); then the job is requeued, at most {spec.slurm.max_requeue} times:",
+        "MASTER_ADDR=$SLURMD_NODENAME MASTER_PORT=<free port> " + shlex.join(payload.step or []),
+        "# every task sets RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID "
+        "WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE and keeps SLURM_*; "
+        "<run dir>/bin/scontrol turns its `scontrol requeue` into a request to the host task",
+    ]
     return "\n".join(lines)

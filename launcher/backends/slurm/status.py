@@ -196,9 +196,15 @@ def _attempts(run_dir: Path) -> list[dict[str, Any]]:
             att["started"] = event["time"]
         elif event["phase"] == "end":
             att["ended"], att["exit_code"] = event["time"], event.get("exit_code")
+            if event.get("error"):
+                att["error"] = event["error"]
         elif event["phase"] == "signal":
             att["signalled"] = event["time"]
+            # True: launcher requeued it; None: Slurm decides (preempted, TERM); False: not.
             att["requeued"] = event.get("requeue", False)
+            for key in ("by", "reason", "asked_by_ranks"):
+                if event.get(key) is not None:
+                    att[key] = event[key]
     return [attempts[k] for k in sorted(attempts)]
 
 
@@ -210,7 +216,8 @@ def current_restart(attempts: list[dict[str, Any]]) -> int | None:
 def first_failure(run_dir: Path, restart: int | None = None) -> dict[str, Any] | None:
     """The rank that failed first (by end time) in attempt `restart`, from the exit files."""
     exits = read_exits(run_dir, restart).values()
-    failures = [d for d in exits if d.get("exit_code") not in (0, None)]
+    # A rank that stopped because it was asked to (stopped_by) did not fail.
+    failures = [d for d in exits if d.get("exit_code") not in (0, None) and not d.get("stopped_by")]
     return min(failures, key=lambda d: d.get("ended", 0)) if failures else None
 
 
@@ -244,6 +251,11 @@ def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> 
         default = "cancelled (scancel or preemption without requeue)"
         if record.get("cancel_requested_at"):
             default = "cancelled by launcher cancel"
+        elif attempts and attempts[-1].get("reason") == "preempted":
+            default = (
+                f"preempted in attempt {attempts[-1]['attempt']}, the last one "
+                "slurm.max_requeue allows: not requeued"
+            )
         changes.update(state="CANCELLED", ended_at=ended, error=record.get("error") or default)
     elif state in ("COMPLETED", "FAILED"):
         exits = read_exits(run_dir, restart)
@@ -261,7 +273,13 @@ def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> 
             if failure:
                 changes["failed_rank"] = failure["rank"]
                 error = f"{_rank_failed(run_dir, failure)}; {slurm}"
+            elif attempts and attempts[-1].get("error"):
+                error = f"{attempts[-1]['error']}; {slurm}"
+            elif attempts and attempts[-1].get("requeued") is False:
+                error = f"stopped ({attempts[-1].get('reason')}), not requeued; {slurm}"
             elif missing:
+                # Its log (srun's words, or the wrapper's) is what the status shows.
+                changes["failed_rank"] = missing[0]
                 error = f"{never_reported(missing)}; {slurm}"
             else:
                 error = slurm
