@@ -22,9 +22,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("launcher", "launcher.errors", "launcher.spec", "launcher.ports", "launcher.files"),
     ("launcher.schema", "launcher.hardware", "launcher.triage"),
     ("launcher.config", "launcher.runs", "launcher.entrypoint", "launcher.call"),
-    ("launcher.runtime", "launcher.data", "launcher.image", "launcher.causes"),
+    (
+        "launcher.runtime",
+        "launcher.data",
+        "launcher.image",
+        "launcher.causes",
+        "launcher.preflight",
+    ),
     ("launcher.backends",),
-    ("launcher.preflight", "launcher.doctor"),
+    ("launcher.doctor",),
     ("launcher.sweep",),
     ("launcher.cli", "launcher.__main__"),
 ]
