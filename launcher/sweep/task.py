@@ -57,7 +57,7 @@ def prepare_task(chunk_file: Path, array_job_id: str, task_index: int) -> tuple[
     tmp = pickle.with_name(f".{pickle.name}.tmp")
     delayed = DelayedSubmission(slurm.task_for(plan))
     # As submitit's executor does: the requeue budget travels in the pickle.
-    delayed.set_timeout(spec.resources.time_min, spec.slurm.max_requeue)
+    delayed.set_timeout(plan.payload.params["time"], spec.slurm.max_requeue)
     delayed.dump(tmp)
     os.replace(tmp, pickle)
     return run_dir, True
