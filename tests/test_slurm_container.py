@@ -470,3 +470,13 @@ def test_conversion_happens_once_per_tag(oci_cluster, project_image, tmp_path):
     assert sorted(
         p.name for p in first.artifact.path.parent.iterdir() if not p.name.startswith(".")
     ) == [first.artifact.path.name]
+
+
+def test_pyxis_takes_a_registry_image_as_it_is(tmp_path):
+    # enroot imports a registry image on each node itself: nothing to convert on this host.
+    spec = _spec("pyxis", image="registry.example.com/team/train:abc")
+    C.check_runtime(spec, tmp_path / "cache")
+    r = C.render(spec, tmp_path / "run", {}, tmp_path / "cache")
+    assert "--container-image=registry.example.com/team/train:abc" in r.srun_flags
+    assert "not converted here" in C.describe(spec, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -2,7 +2,8 @@
 
 Three runtimes, one shape (`render` is pure; `prepare_image` shells out):
 - `pyxis`: pyxis/enroot (NVIDIA clusters). srun flags `--container-image=SQSH ...`; the
-  squashfs comes from `enroot import dockerd://TAG`.
+  squashfs comes from `enroot import dockerd://TAG`. A registry image named in
+  `slurm.container.image` goes to pyxis as it is (enroot imports it on each node).
 - `apptainer`: Apptainer/Singularity (most university and national centres). The step runs
   `apptainer exec ... IMAGE.sif CMD`; the SIF comes from `apptainer build docker-daemon://TAG`.
 - `oci`: Slurm's own `srun --container=BUNDLE` with an oci.conf that calls runc or crun. The
@@ -159,6 +160,8 @@ class Artifact:
     # The docker image it is made from; None when the config names a ready artifact.
     tag: str | None
     path: Path
+    # pyxis only: a registry image that enroot imports on each node itself (not converted).
+    ref: str | None = None
 
     @property
     def rootfs(self) -> Path:
@@ -170,6 +173,8 @@ class Artifact:
         return self.path / "image.json" if self.runtime == "oci" else Path(f"{self.path}.json")
 
     def ready(self) -> bool:
+        if self.ref is not None:
+            return True
         if self.runtime == "oci":
             return self.rootfs.is_dir() and (self.tag is None or self.info_file.is_file())
         return self.path.is_file()
@@ -181,6 +186,8 @@ def artifact_for(spec: JobSpec, cache_dir: Path | None = None) -> Artifact:
     c = spec.slurm.container
     if c is not None and c.image and _is_path(c.image):
         return Artifact(runtime, None, Path(c.image).expanduser().absolute())
+    if runtime == "pyxis" and c is not None and c.image:
+        return Artifact(runtime, None, Path(), ref=c.image)
     tag = image_tag(spec)
     folder = (cache_dir or cache_dir_for(spec)).absolute() / runtime
     return Artifact(runtime, tag, folder / f"{_safe_name(tag)}{ARTIFACT_SUFFIX[runtime]}")
@@ -207,6 +214,8 @@ def describe(spec: JobSpec, cache_dir: Path | None = None) -> str:
     """One line for --dry-run: the runtime, the image and its converted form."""
     art = artifact_for(spec, cache_dir)
     head = f"container: runtime {art.runtime}, "
+    if art.ref is not None:
+        return head + f"image {art.ref} (imported by enroot on each node; not converted here)"
     if art.tag is None:
         state = "present" if art.ready() else "MISSING"
         return head + f"ready-made image {art.path} ({state})"
@@ -226,7 +235,9 @@ def _oci_conf() -> Path:
     return conf.resolve().parent / "oci.conf"
 
 
-def check_runtime(spec: JobSpec, cache_dir: Path | None = None) -> None:
+def check_runtime(
+    spec: JobSpec, cache_dir: Path | None = None, config_file: str | None = None
+) -> None:
     """Refuse, before anything is submitted, a runtime that cannot apply: a missing ready-made
     image, a missing conversion tool on this submit host, or (oci) no oci.conf, with which
     Slurm would run the tasks bare. Raises ConfigError or BackendError with one line."""
@@ -237,7 +248,9 @@ def check_runtime(spec: JobSpec, cache_dir: Path | None = None) -> None:
     if art.tag is None:
         if not art.ready():
             what = "OCI bundle (a folder with rootfs/)" if art.runtime == "oci" else "file"
-            raise ConfigError(f"the {what} {art.path} does not exist", key=f"{key}.image")
+            raise ConfigError(
+                f"the {what} {art.path} does not exist", file=config_file, key=f"{key}.image"
+            )
     elif not art.ready():
         for tool in CONVERT_TOOLS[art.runtime]:
             if shutil.which(tool) is None:
@@ -258,6 +271,7 @@ def check_runtime(spec: JobSpec, cache_dir: Path | None = None) -> None:
         raise ConfigError(
             "runtime oci starts one task per node in Slurm 22.05 "
             f"(got procs_per_node={spec.resources.tasks_per_node})",
+            file=config_file,
             key="resources.procs_per_node",
             hint="use 1 with more nodes, or runtime pyxis or apptainer",
         )
@@ -559,7 +573,7 @@ def render(
     info = read_info(art)
     run_dir = Path(run_dir)
     folder = run_dir / RUN_SUBDIR
-    tag = art.tag or ""
+    tag = art.tag or art.ref or ""
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
     mounts = _mounts(spec, run_dir)
@@ -585,7 +599,7 @@ def render(
     if art.runtime == "pyxis":
         joined = ",".join(f"{h}:{d}" + (":ro" if ro else "") for h, d, ro in mounts)
         flags = [
-            f"--container-image={art.path}",
+            f"--container-image={art.ref or art.path}",
             f"--container-mounts={joined}",
             f"--container-workdir={workdir}",
             # pyxis keeps the image's value of a variable it defines; these keep the job's.
