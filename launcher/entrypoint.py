@@ -116,27 +116,26 @@ def entry_file(spec: JobSpec) -> Path | None:
     return None
 
 
-def stop_signal(spec: JobSpec, backend: str | None = None) -> str:
+def stop_signal(spec: JobSpec, *, slurm_env: bool = False) -> str:
     """The signal the job's processes get to stop and save (`entrypoint.stop_signal`, auto
-    resolved for `backend`): USR2 for the built-in trainer; on Slurm USR1 for Lightning (its
-    SLURMEnvironment saves an HPC checkpoint and requeues on USR1; off Slurm it has no USR1
-    handler, and USR1 would kill it); TERM for everything else."""
+    resolved): USR2 for the built-in trainer; USR1 for Lightning when the ranks run in a
+    Slurm job (`slurm_env`: its SLURMEnvironment saves an HPC checkpoint and requeues on
+    USR1; without Slurm's variables it has no USR1 handler, and USR1 would kill it); TERM
+    for everything else."""
     ep = spec.entrypoint
     if ep.stop_signal != "auto":
         return ep.stop_signal
     if ep.kind == "trainer":
         return "USR2"
     found = entry_file(spec)
-    if backend == "slurm" and found is not None and imports_lightning(found):
+    if slurm_env and found is not None and imports_lightning(found):
         return "USR1"
     return "TERM"
 
 
-def stop_grace_s(spec: JobSpec, backend: str | None = None) -> float:
-    """Seconds the processes get after the stop signal before SIGKILL (`entrypoint.stop_grace_s`;
-    null: on Slurm slurm.signal_delay_s - 10, at least 10; elsewhere local.stop_grace_s)."""
+def stop_grace_s(spec: JobSpec, default: float) -> float:
+    """Seconds the processes get after the stop signal before SIGKILL: `entrypoint.stop_grace_s`,
+    else the backend's `default`."""
     if spec.entrypoint.stop_grace_s is not None:
         return spec.entrypoint.stop_grace_s
-    if backend == "slurm":
-        return float(max(10, spec.slurm.signal_delay_s - 10))
-    return spec.local.stop_grace_s
+    return default

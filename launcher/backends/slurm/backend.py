@@ -30,6 +30,7 @@ from launcher.backends.slurm.array import ARRAYS
 from launcher.backends.slurm.sbatch import (
     check,
     executor_params,
+    grace_s,
     render_sbatch,
     render_text,
     step_argv,
@@ -45,7 +46,6 @@ from launcher.backends.slurm.status import (
     query_states,
     run_slurm_command,
 )
-from launcher.entrypoint import stop_grace_s
 from launcher.errors import BackendError, LauncherError
 from launcher.spec import JobSpec
 
@@ -281,7 +281,7 @@ def task_for(plan: Plan[SlurmPayload]) -> StepTask:
         plan.payload.step or [],
         str(plan.run_dir),
         spec.slurm.max_requeue,
-        stop_grace_s(spec, "slurm"),
+        grace_s(spec),
         plan.payload.env,
         signal_delay_s=spec.slurm.signal_delay_s,
         world_size=spec.resources.world_size,

@@ -210,6 +210,12 @@ def container_args(spec: JobSpec, run_dir: Path) -> list[str]:
     ]
 
 
+def grace_s(spec: JobSpec) -> float:
+    """Seconds the ranks get to save before the time limit: entrypoint.stop_grace_s, else
+    slurm.signal_delay_s - 10 (at least 10)."""
+    return stop_grace_s(spec, float(max(10, spec.slurm.signal_delay_s - 10)))
+
+
 def rank_wrapper(spec: JobSpec) -> list[str]:
     """The per-rank wrapper (rank.py) and its interpreter: launcher's own (the batch shell
     `exec`s it too), never the job's, which needs only what the script imports; inside a
@@ -219,7 +225,7 @@ def rank_wrapper(spec: JobSpec) -> list[str]:
         python,
         "-m",
         "launcher.backends.slurm.rank",
-        f"--stop-signal={stop_signal(spec, 'slurm')}",
+        f"--stop-signal={stop_signal(spec, slurm_env=True)}",
         "--",
     ]
 
@@ -481,11 +487,11 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         "# the pickled task runs with this environment:",
         *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
     ]
-    sig = stop_signal(spec, "slurm")
+    sig = stop_signal(spec, slurm_env=True)
     lines += [
         "# and starts this job step from the batch shell (first node). Before preemption and "
         f"the time limit every rank gets SIG{sig}",
-        f"# and {stop_grace_s(spec, 'slurm'):g} s to save (preemption: the partition's "
+        f"# and {grace_s(spec):g} s to save (preemption: the partition's "
         f"GraceTime); then the job is requeued, at most {spec.slurm.max_requeue} times:",
         "MASTER_ADDR=$SLURMD_NODENAME MASTER_PORT=<free port> " + shlex.join(payload.step or []),
         "# every task sets RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID "
