@@ -317,3 +317,40 @@ def test_a_silent_controller_is_one_error_within_the_timeout(tmp_path, silent_sl
         backend.cancel(run_dir)
     assert time.monotonic() - start < 25
     assert runs.read_record(run_dir) == before  # nothing recorded on a guess
+
+
+def test_script_whose_interpreter_cannot_import_launcher_runs_on_slurm(tmp_path, runs_dir):
+    """entrypoint.python without launcher: the rank wrapper runs with launcher's own
+    interpreter, the script with the configured one (it needs only what it imports)."""
+    python = "/usr/bin/python3"
+    cfg = _config(
+        tmp_path,
+        entrypoint={"script": "tests/jobs/no_launcher.py", "python": python},
+        resources={"nodes": 2},
+    )
+    run_dir = _submit(cfg, runs_dir)
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=180)
+    assert record["state"] == "COMPLETED", record
+    for rank in (0, 1):
+        seen = json.loads((run_dir / f"no-launcher-rank{rank}.json").read_text())
+        assert seen == {"executable": python, "launcher": None}
+
+
+def test_rank_that_dies_before_the_script_starts_is_named_with_its_log_tail(tmp_path, runs_dir):
+    """The built-in trainer needs launcher in the job's interpreter: every rank dies at
+    `python -m launcher.runtime`; the status names a rank, why, and shows its log."""
+    cfg = _config(
+        tmp_path,
+        # Not the repository (python -m would find launcher in the current folder there).
+        workdir=str(tmp_path),
+        entrypoint={"python": "/usr/bin/python3"},
+        resources={"nodes": 2},
+    )
+    run_dir = _submit(cfg, runs_dir)
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=180)
+    assert record["state"] == "FAILED", record
+    assert record["failed_rank"] in (0, 1), record
+    assert "No module named 'launcher'" in record["error"], record["error"]
+    status = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}")
+    assert f"--- last lines of rank {record['failed_rank']}" in status.stdout, status.stdout
+    assert "No module named 'launcher'" in status.stdout

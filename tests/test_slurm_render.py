@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -207,3 +208,132 @@ def test_sbatch_test_only_accepts_every_example_config(tmp_path):
         )
         assert out.returncode == 0, f"{cfg.name}: {out.stderr}"
         assert "to start at" in out.stderr, f"{cfg.name}: {out.stderr}"
+
+
+@pytest.mark.parametrize(
+    ("source", "signal_name"),
+    [
+        ("import lightning as L\n", "USR1"),
+        ("from lightning import Trainer\n", "USR1"),
+        ("from lightning.pytorch import Trainer\n", "USR1"),
+        ("import pytorch_lightning as pl\n", "USR1"),
+        ("from lightning.fabric import Fabric\n", "TERM"),  # no auto-requeue handler
+        ("import torch\n", "TERM"),
+        ("import lightning(\n", "TERM"),  # does not parse: never run, just TERM
+    ],
+)
+def test_stop_signal_auto_reads_the_script_imports(tmp_path, source, signal_name):
+    from launcher.entrypoint import stop_signal
+
+    (tmp_path / "train.py").write_text(source)
+    spec = config.load(
+        ROOT / "configs/slurm-2nodes.yaml",
+        [f"workdir={tmp_path}", "entrypoint.script=train.py", "entrypoint.args=[]"],
+    ).spec
+    assert stop_signal(spec, slurm_env=True) == signal_name
+    assert stop_signal(spec) == "TERM"  # off Slurm Lightning has no USR1 handler
+    step = BACKEND.plan(spec, run_id="R", run_dir=tmp_path / "run", config_file=None).payload.step
+    assert step is not None and f"--stop-signal={signal_name}" in step
+
+
+def test_stop_signal_for_the_trainer_and_a_written_out_one(tmp_path):
+    from launcher.entrypoint import stop_signal
+
+    trainer = config.load(ROOT / "configs/trainer.yaml", ["backend=slurm"]).spec
+    assert stop_signal(trainer, slurm_env=True) == "USR2"
+    given = config.load(ROOT / "configs/lightning.yaml", ["entrypoint.stop_signal=INT"]).spec
+    assert stop_signal(given, slurm_env=True) == "INT"
+    bad = launcher_cmd("run", "configs/plain.yaml", "entrypoint.stop_signal=KILL", "--dry-run")
+    assert bad.returncode == 2 and "entrypoint.stop_signal" in bad.stderr, bad
+    late = launcher_cmd(
+        "run", "configs/plain.yaml", "backend=slurm", "entrypoint.stop_grace_s=60", "--dry-run"
+    )
+    assert late.returncode == 2 and "entrypoint.stop_grace_s" in late.stderr, late
+    assert "Traceback" not in late.stderr
+
+
+def _shim(tmp_path, monkeypatch, *argv: str, job="42", array=None):
+    """Run the scontrol shim with a stand-in `scontrol` after it on PATH (records its args)."""
+    from launcher.backends.slurm.batch import requeue_requests, write_shim
+
+    run_dir = tmp_path / "run"
+    shim = write_shim(run_dir)
+    real = tmp_path / "real"
+    real.mkdir(exist_ok=True)
+    (real / "scontrol").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT"\n')
+    (real / "scontrol").chmod(0o755)
+    env = {
+        "PATH": f"{shim.parent}:{real}:/usr/bin:/bin",
+        "OUT": str(tmp_path / "real.out"),
+        "SLURM_JOB_ID": job,
+        "SLURM_PROCID": "0",
+        "SLURM_RESTART_COUNT": "2",
+        "LAUNCHER_RUN_DIR": str(run_dir),
+        **(array or {}),
+    }
+    record = tmp_path / "real.out"
+    record.unlink(missing_ok=True)
+    out = subprocess.run([str(shim), *argv], env=env, capture_output=True, text=True)
+    passed = record.read_text().split() if record.exists() else None
+    return out, passed, requeue_requests(run_dir, 2)
+
+
+def test_scontrol_shim_turns_a_requeue_of_this_job_into_a_request(tmp_path, monkeypatch):
+    out, passed, asked = _shim(tmp_path, monkeypatch, "requeue", "42")
+    assert out.returncode == 0 and passed is None and asked == [0], out
+    assert "passed to launcher's host task" in out.stderr
+
+
+def test_scontrol_shim_passes_everything_else_to_the_real_one(tmp_path, monkeypatch):
+    out, passed, asked = _shim(tmp_path, monkeypatch, "show", "job", "42")
+    assert out.returncode == 0 and passed == ["show", "job", "42"] and asked == []
+    out, passed, asked = _shim(tmp_path, monkeypatch, "requeue", "43")  # another job
+    assert passed == ["requeue", "43"] and asked == []
+
+
+def test_scontrol_shim_knows_array_task_ids(tmp_path, monkeypatch):
+    array = {"SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "2"}
+    out, passed, asked = _shim(tmp_path, monkeypatch, "requeue", "40_2", array=array)
+    assert out.returncode == 0 and passed is None and asked == [0], out
+
+
+def test_rank_wrapper_sends_one_stop_signal_and_drops_repeats(tmp_path):
+    """TERM twice (Slurm at preemption: the step and srun), then the host's stop file: the
+    script gets the configured signal once, and the exit file says what stopped it."""
+    import signal as sig
+    import time as t
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import signal, sys, time, pathlib\n"
+        "got = []\n"
+        "for s in (signal.SIGUSR1, signal.SIGTERM):\n"
+        "    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))\n"
+        "pathlib.Path(sys.argv[1], 'ready').write_text('1')\n"
+        "while not got: time.sleep(0.05)\n"
+        "time.sleep(1.0)\n"
+        "pathlib.Path(sys.argv[1], 'got').write_text(','.join(got))\n"
+        "sys.exit(75)\n"
+    )
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    env = {**os.environ, "LAUNCHER_RUN_DIR": str(run_dir), "SLURM_PROCID": "0"}
+    env.pop("SLURM_RESTART_COUNT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.backends.slurm.rank", "--stop-signal=USR1", "--"]
+        + [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+    )
+    deadline = t.monotonic() + 60
+    while not (tmp_path / "ready").exists():
+        assert t.monotonic() < deadline and proc.poll() is None
+        t.sleep(0.05)
+    proc.send_signal(sig.SIGTERM)
+    proc.send_signal(sig.SIGTERM)
+    (run_dir / "stop-restart0").write_text("1")
+    assert proc.wait(timeout=60) == 0  # stopped to be requeued: not a failure for srun
+    assert (tmp_path / "got").read_text() == "SIGUSR1"  # once, not TERM
+    exit_file = json.loads((run_dir / "exits" / "rank0.json").read_text())
+    assert exit_file["exit_code"] == 75 and exit_file["stop_signal"] == "USR1"
+    assert exit_file["stopped_by"] == "SIGTERM"
