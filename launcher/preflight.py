@@ -11,8 +11,8 @@ and data sources without a checksum.
 The slower checks `launcher doctor` adds (torch in the job's interpreter, the network
 interface, /dev/shm and memory) are here too; `launcher.doctor` puts them together.
 
-Sits beside the backends (layer: backends): backends import it for `job_checks`, and it
-reaches a backend only through the object it is given.
+Below the backends (they import it for `Check` and `job_checks`): it reaches a backend only
+through the object it is given.
 """
 
 from __future__ import annotations
@@ -26,22 +26,48 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from importlib.machinery import PathFinder
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-from launcher.backends.base import Check, Plan
 from launcher.errors import LauncherError
 from launcher.spec import JobSpec
 
 if TYPE_CHECKING:
-    from launcher.backends.base import Backend
+    from launcher.backends.base import Backend, Plan
 
 # How long the job's own interpreter may take to look a module up (a cold NFS venv).
 FIND_TIMEOUT_S = 20.0
 # Doctor: importing torch from a cold cache can take a while.
 TORCH_TIMEOUT_S = 180.0
 SKIP_FLAG = "--no-preflight"
+
+
+CheckStatus = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One preflight (or `launcher doctor`) finding: what was checked, how it went, what was
+    found and how to fix it, and where in the config (file, dotted key) the fix goes."""
+
+    name: str
+    status: CheckStatus
+    found: str
+    fix: str = ""
+    file: str | None = None
+    key: str | None = None
+
+    def line(self) -> str:
+        """The one line a failed submit prints: file, key, what was found, how to fix it."""
+        where = self.file or "<config>"
+        if self.key:
+            where = f"{where}: {self.key}"
+        text = f"{where}: {self.found}"
+        if self.fix:
+            text = f"{text} ({self.fix})"
+        return " ".join(text.split())
 
 
 class PreflightFailed(LauncherError):

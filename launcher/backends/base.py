@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
 
+# Re-exported: backends build their preflight results from it.
+from launcher.preflight import Check
 from launcher.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -54,32 +56,6 @@ class SlurmPayload:
     # The srun step the batch shell starts (scripts, built-in trainer); None for callables.
     step: list[str] | None
     script: str
-
-
-CheckStatus = Literal["ok", "warn", "fail"]
-
-
-@dataclass(frozen=True)
-class Check:
-    """One preflight (or `launcher doctor`) finding: what was checked, how it went, what was
-    found and how to fix it, and where in the config (file, dotted key) the fix goes."""
-
-    name: str
-    status: CheckStatus
-    found: str
-    fix: str = ""
-    file: str | None = None
-    key: str | None = None
-
-    def line(self) -> str:
-        """The one line a failed submit prints: file, key, what was found, how to fix it."""
-        where = self.file or "<config>"
-        if self.key:
-            where = f"{where}: {self.key}"
-        text = f"{where}: {self.found}"
-        if self.fix:
-            text = f"{text} ({self.fix})"
-        return " ".join(text.split())
 
 
 @dataclass(frozen=True)
