@@ -132,7 +132,7 @@ MISTAKES = [
         ["resources.gpus_per_node=1", "resources.cpus_per_proc=1"],
         1,
         "resources.gpus_per_node",
-        ["1 GPUs per node", "at most 0"],
+        ["1 GPU(s) per node", "have none"],
     ),
     (
         "account-missing",

@@ -474,8 +474,8 @@ def _fit_checks(spec: JobSpec, nodes: Sequence[Node], label: str, file: str | No
             f"biggest node of partition {label} has {most_cpus}"
         )
         fix = (
-            f"at most {most_cpus} CPUs per node: fewer procs_per_node or cpus_per_proc "
-            "(or more nodes)"
+            f"at most {most_cpus} CPUs per node: fewer procs_per_node or cpus_per_proc, "
+            "or more nodes"
         )
         if not res.cpus_per_proc and spec.loader.num_workers is not None:
             fix += "; without cpus_per_proc each task gets loader.num_workers + 1 CPUs"
@@ -489,12 +489,13 @@ def _fit_checks(spec: JobSpec, nodes: Sequence[Node], label: str, file: str | No
     elif gpus > most_gpus:
         key, found = (
             "resources.gpus_per_node",
-            f"{gpus} GPUs per node, but the nodes of partition {label} have at most {most_gpus}",
+            f"{gpus} GPU(s) per node, but the nodes of partition {label} have "
+            + (f"at most {most_gpus}" if most_gpus else "none"),
         )
         fix = (
-            "a partition with GPUs, or gpus_per_node: 0"
-            if not most_gpus
-            else f"at most {most_gpus}"
+            f"at most {most_gpus}"
+            if most_gpus
+            else "a partition with GPUs, or resources.gpus_per_node: 0"
         )
     else:
         key, found = (
