@@ -33,7 +33,8 @@ EVENTS = ("preempt", "timelimit", "requeue")
 ENTRYPOINTS = ("trainer", "plain", "lightning", "callable")
 TRAINER_STEPS = 20000
 # plain, Lightning, callable: 0.25 s a step; the time-limit cells work past their first 60 s.
-STEPS = {"timelimit": 320, "preempt": 160, "requeue": 160}
+# 60 s of work: more than a first attempt gets (60 s less the start), less than two.
+STEPS = {"timelimit": 240, "preempt": 160, "requeue": 160}
 STEP_S = 0.25
 
 
@@ -132,7 +133,8 @@ def _run_cell(base: Path, event: str | None, entry: str) -> dict:
     run_dir = _submit(_config(folder, event or "requeue", entry))
     job_id = runs.read_record(run_dir)["backend_info"]["job_id"]
     started = time.monotonic()
-    deadline = started + 420
+    # Cells queue behind each other (a preempted cell holds a whole node): a long wait.
+    deadline = started + 1500
     while not _started(run_dir, entry):
         assert time.monotonic() < deadline, f"{event}-{entry}: never started ({run_dir})"
         time.sleep(1)
@@ -148,7 +150,7 @@ def _run_cell(base: Path, event: str | None, entry: str) -> dict:
         )
     elif event == "requeue":
         subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True)
-    record = wait_state(run_dir, runs.FINAL_STATES, timeout=600)
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=1500)
     return {
         "run_dir": run_dir,
         "record": record,

@@ -224,7 +224,10 @@ class StepTask(submitit.helpers.Checkpointable):
         ranks got the same TERM; Slurm, not this task, decides whether it comes back."""
         if not self._ended_by_slurm:
             self._ended_by_slurm = True
-            _attempt_event(Path(self.run_dir), "signal", signal="TERM", requeue=None, by="slurm")
+            if not self._stopping:  # else it is the requeue checkpoint() decided on
+                _attempt_event(
+                    Path(self.run_dir), "signal", signal="TERM", requeue=None, by="slurm"
+                )
 
     def _on_usr2(self, signum: int, frame: Any) -> None:
         """Slurm's time-limit USR2 may come up to 60 s before `signal_delay_s`: that one
