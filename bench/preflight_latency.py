@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,20 @@ def one_run(path: Path, with_preflight: bool) -> float:
     return took
 
 
+def one_cli_run(path: Path, with_preflight: bool) -> float:
+    """`launcher run CONFIG` as a user types it (a fresh interpreter each time)."""
+    argv = [sys.executable, "-m", "launcher", "run", str(path), "sweep=null", "--detach"]
+    if not with_preflight:
+        argv.append("--no-preflight")
+    start = time.perf_counter()
+    out = subprocess.run(argv, cwd=path.parent, capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - start
+    if out.returncode != 0:
+        raise SystemExit(f"launcher run failed: {out.stderr.strip()}")
+    _cancel(re.findall(r"submitted Slurm job (\d+)", out.stdout))
+    return took
+
+
 def one_sweep(path: Path, with_preflight: bool) -> float:
     """A whole sweep submit (load, expand, plan, [preflight], sbatch the arrays)."""
     start = time.perf_counter()
@@ -138,11 +153,20 @@ def main() -> None:
             preflight_alone(path, args.points) for _ in range(args.repeat)
         )
         run_without, run_with = paired(one_run, path, args.repeat)
+        cli_without, cli_with = paired(one_cli_run, path, args.repeat)
         sweep_without, sweep_with = paired(one_sweep, path, args.repeat)
+    if not hasattr(BACKEND, "preflight"):
+        print(
+            "note: SlurmBackend.preflight is not wired: the command's 'with' runs job checks only"
+        )
     print(f"median of {args.repeat}, seconds        without   with   added")
     print(
         f"launcher run backend=slurm        {run_without:7.3f} {run_with:7.3f} "
         f"{run_with - run_without:+7.3f}"
+    )
+    print(
+        f"  same, as a command (new python)  {cli_without:7.3f} {cli_with:7.3f} "
+        f"{cli_with - cli_without:+7.3f}"
     )
     print(
         f"{args.points}-point sweep submit        {sweep_without:7.3f} {sweep_with:7.3f} "
