@@ -322,3 +322,13 @@ def test_a_sweep_over_max_submit_jobs_is_refused_where_limits_are_enforced():
         assert "500" in limit.found
     checks = _assoc_checks(spec, assoc, 400, config, "job.yaml")
     assert next(c for c in checks if c.name == "slurm.max_submit").status == "ok"
+
+
+def test_sweep_check_is_only_for_a_dry_run(tmp_path):
+    path = _job(tmp_path, SCRIPT + "sweep:\n  grid:\n    train.seed: [1, 2]\n")
+    out = launcher_cmd("sweep", str(path), "--check", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "launcher: error: command line: --check: --check is for --dry-run "
+        "(a real submit always runs the preflight checks)"
+    )
