@@ -1,18 +1,21 @@
 """`num_workers: auto` against a full grid, the fixed rule and Lightning's rule, in one run.
 
-    python bench/loader_auto.py [--repeats 3] [--procs 1 2] [--workloads decode memory ...]
+    python bench/loader_auto.py [--repeats 3] [--cycles 4] [--procs 1 2] [--workloads ...]
 
-Each workload is a real built-in-trainer job (this file's `build_model` / `build_dataset`
-hooks) that differs in per-sample cost, sample size and step cost. For 1 process and for
-2 processes (two gloo ranks on this machine, as 2 local ranks of a job), it trains:
-- with every num_workers from 0 to 2 x CPUs per process (the grid), and
-- with `num_workers: auto` (remembering nothing: LAUNCHER_LOADER_CACHE=off),
-in alternating order, `--repeats` times, and reports per workload the median samples/s of
-each grid point (steady state: the second half of the steps), the best, and as a share of
-the best: auto's choice (median and worst over the repeats), the fixed rule (2 per CPU,
-none under 2 CPUs per process) and Lightning's (CPUs per process - 1). It also prints what
-the race cost (its seconds and the seconds lost against the best setting).
-Target: auto >= 95% of the best on every workload.
+Four workloads that differ in per-sample cost, sample size and step cost (this file's
+`build_model` / `build_dataset`), each for 1 process and for 2 processes (two gloo ranks with
+DDP on this machine, as 2 local ranks of a job):
+- the grid: every num_workers from 0 to 2 x CPUs per process, measured by this file's own
+  training loop (not the tuner's code), interleaved: `--cycles` rounds through the grid in
+  alternating order, then the auto runs, then `--cycles` more; each segment times 0.5 s of
+  loader + step after its warm-up; the median per setting;
+- auto: `--repeats` real built-in-trainer jobs with `num_workers: auto` and time_min 10 (so
+  the default budget of a 10-minute job, 12 s), remembering nothing
+  (LAUNCHER_LOADER_CACHE=off), each stopped once it has chosen.
+Reported per workload: the grid's medians (and min-max), the best, and as a share of the
+best: auto's choices (median and worst), the fixed rule (2 per CPU, none under 2 CPUs per
+process) and Lightning's (CPUs per process - 1); the race's seconds and the seconds it lost
+against the best measured rate. Target: auto >= 95% of the best on every workload.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ WORKLOADS: dict[str, dict] = {
 FIXED_S = 4.0
 AUTO_MAX_S = 60.0
 STEPS = 1_000_000
+SEGMENT_S = 0.5  # timed seconds per grid segment
 
 
 # --- the workloads (imported by the trainer as `loader_auto:build_...`) ---------------------
@@ -214,11 +218,82 @@ def child(args: argparse.Namespace) -> None:
         print(json.dumps(out), flush=True)
 
 
-def run_group(procs: int, workload: str, jobs: list, port: int, threads: int) -> list[dict]:
+def grid_child(args: argparse.Namespace) -> None:
+    """The reference: every grid setting in turn, `--cycles` times, in one training process
+    group (DDP over gloo with 2 ranks), with its own loop (not the tuner's code): each
+    segment builds a DataLoader over the next slice of this rank's shard, trains on
+    1 + 2 x workers batches untimed (start-up and prefetch head start), then times the next
+    SEGMENT_S seconds' worth of batches of loader + step. Interleaving cancels the slow drift
+    of a shared machine's load, which separate runs of a few seconds each do not."""
+    import torch
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+
+    from launcher.runtime.dist import distributed
+
+    w = WORKLOADS[args.workload]
+    grid = json.loads(args.jobs)
+    batch = w["batch"]
+    with distributed() as ctx:
+        rank, world = ctx.env.rank, ctx.env.world_size
+        data = BenchData(**({"size": 65536} | w["data"]))
+        torch.manual_seed(0)
+        model = build_model(**w["model"], kind=w["data"]["kind"])
+        opt = torch.optim.AdamW(model.parameters())
+        net = DistributedDataParallel(model) if world > 1 else model
+        shard = list(range(rank, len(data), world))
+        pos = 0
+
+        def segment(workers: int, timed: int) -> float:
+            """Trains warm-up + `timed` batches; seconds of the timed part."""
+            nonlocal pos
+            warm = 1 + 2 * workers
+            n = (warm + timed) * batch
+            idx = [shard[(pos + i) % len(shard)] for i in range(n)]
+            pos += n
+            kwargs = {"prefetch_factor": 2} if workers else {}
+            loader = DataLoader(
+                data, batch_size=batch, sampler=idx, num_workers=workers, drop_last=True, **kwargs
+            )
+            marks = []
+            it = iter(loader)
+            for b in it:
+                marks.append(time.perf_counter())
+                loss = net(b)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            marks.append(time.perf_counter())
+            getattr(it, "_shutdown_workers", lambda: None)()
+            return marks[-1] - marks[warm]
+
+        def agree(value: float) -> float:
+            t = torch.tensor([value], dtype=torch.float64)
+            if world > 1:
+                tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=ctx.control)
+            return float(t[0])
+
+        probe = 10
+        per_batch = agree(segment(0, probe) / probe)
+        timed = max(10, min(2000, int(SEGMENT_S / per_batch)))
+        rates: dict[int, list[float]] = {g: [] for g in grid}
+        for cycle in range(args.cycles):
+            order = grid if cycle % 2 == 0 else grid[::-1]
+            for g in order:
+                seconds = agree(segment(g, timed))  # the job runs at its slowest rank's pace
+                rates[g].append(timed * batch * world / seconds)
+        if rank == 0:
+            print(json.dumps({"grid": rates, "timed_batches": timed}), flush=True)
+
+
+def run_group(
+    procs: int, workload: str, jobs: list, port: int, threads: int, extra: list[str] | None = None
+) -> list[dict]:
     """`procs` ranks run the same jobs in the same order; rank 0's results."""
     out = tempfile.mkdtemp(prefix="loader_auto.")
     argv = [sys.executable, __file__, "--child", "--workload", workload]
-    argv += ["--jobs", json.dumps(jobs), "--out", out]
+    argv += ["--jobs", json.dumps(jobs), "--out", out] + (extra or [])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env["LAUNCHER_LOADER_CACHE"] = "off"
     env.pop("LAUNCHER_NUM_WORKERS", None)
@@ -261,7 +336,14 @@ def main() -> int:
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--grid", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cycles", type=int, default=4, help="grid cycles before and after the auto runs"
+    )
     args = parser.parse_args()
+    if args.child and args.grid:
+        grid_child(args)
+        return 0
     if args.child:
         child(args)
         return 0
@@ -272,7 +354,8 @@ def main() -> int:
     load = os.getloadavg()
     print(
         f"{hw.cpus} CPUs ({hw.cpus_source}), GPUs {hw.gpus}; load average at start "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {args.repeats} repeats, medians"
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; grid {2 * args.cycles} cycles, "
+        f"{args.repeats} auto jobs per workload"
     )
     port = 31000 + os.getpid() % 1000 * 20
     rows = []
@@ -283,15 +366,17 @@ def main() -> int:
         for workload in args.workloads:
             rates: dict[int, list[float]] = {w: [] for w in grid}
             autos: list[dict] = []
-            for r in range(args.repeats):
-                order: list = grid if r % 2 == 0 else grid[::-1]
-                jobs = order[: len(order) // 2] + ["auto"] + order[len(order) // 2 :]
-                port += 1 + len(jobs)
-                for res in run_group(procs, workload, jobs, port, args.step_threads):
-                    if res["workers"] == "auto":
-                        autos.append(res)
-                    else:
-                        rates[res["workers"]].append(res["rate"])
+            # Grid, then the auto runs, then the grid again (so drift hits both alike).
+            for phase in ("grid", "auto", "grid"):
+                port += 2 + args.repeats
+                if phase == "grid":
+                    extra = ["--grid", "--cycles", str(args.cycles)]
+                    (res,) = run_group(procs, workload, grid, port, args.step_threads, extra)
+                    for g, values in res["grid"].items():
+                        rates[int(g)] += values
+                else:
+                    jobs = ["auto"] * args.repeats
+                    autos += run_group(procs, workload, jobs, port, args.step_threads)
             med = {w: statistics.median(v) for w, v in rates.items()}
             best_w = max(med, key=lambda w: med[w])
             best = med[best_w]

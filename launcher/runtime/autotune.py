@@ -15,9 +15,10 @@ How, in short:
 - Rate: samples/s between handing out batches, i.e. loader wait + the real step, after the
   first `1 + workers` batches of the slot (worker start-up and the head start their first
   batches get while the consumer waits).
-- Successive halving: round r gives every surviving candidate one slot of 12 x 2^r timed
-  batches; after a round, the slower half and anything under CLEARLY_WORSE of the best leave;
-  the last two race once more, A B B A. Slots go in alternating order per round so drift cancels.
+- Successive halving: a probe slot with the rule's pick sizes the timed window (at least
+  MIN_WINDOW_S on the fastest node, the race within half the job's remaining batches); round r
+  gives every surviving candidate one slot of window x 2^r timed batches; after a round, the
+  slower half and anything under CLEARLY_WORSE of the best leave; the last two race A B B A.
 - Choice: the fewest workers within TOLERANCE of the best pooled rate (memory, /dev/shm and
   fork cost argue for fewer). Out of budget or batches: the best measured so far, or the rule.
 - Ranks: every rank runs the same slots (their lengths are a function of the round only), and
