@@ -128,3 +128,55 @@ def test_a_missing_interpreter_means_the_job_never_started(tmp_path):
     record = ensure_cause(run_dir, runs.read_record(run_dir))
     assert record["cause"]["kind"] == "never_started"
     assert "/nonexistent/bin/python3" in record["cause"]["summary"]
+
+
+def test_sweep_status_shows_each_failed_points_cause_and_a_count_by_cause(tmp_path):
+    (tmp_path / "point.py").write_text(
+        textwrap.dedent(
+            """\
+            import os
+            x = os.environ["X"]
+            if x == "1":
+                raise ValueError("learning rate too high")
+            if x == "2":
+                import module_that_is_not_installed
+            """
+        )
+    )
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            name: causes
+            workdir: {tmp_path}
+            runs_dir: {tmp_path / "runs"}
+            entrypoint: {{script: point.py}}
+            resources: {{procs_per_node: 1}}
+            env: {{X: "0"}}
+            sweep:
+              grid: {{env.X: ["0", "1", "2", "3"]}}
+              parallelism: 2
+            """
+        )
+    )
+    (tmp_path / "point.py").write_text(
+        (tmp_path / "point.py").read_text() + 'if x == "3":\n    raise ValueError("again")\n'
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "launcher", "sweep", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 1, run.stderr
+    (sweep_dir,) = [p for p in (tmp_path / "runs" / "causes" / "sweeps").iterdir() if p.is_dir()]
+    status = subprocess.run(
+        [sys.executable, "-m", "launcher", "sweep", "status", str(sweep_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    assert "failed points by cause: python_exception 2, module_not_found 1" in status.stdout
+    assert "[python_exception] ValueError: learning rate too high" in status.stdout
+    assert "[module_not_found] No module named 'module_that_is_not_installed'" in status.stdout

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from launcher import runs
+from launcher import causes, runs
 from launcher.errors import RunNotFound
 from launcher.sweep import state
 
@@ -41,8 +41,12 @@ def table(headers: list[str], rows: list[list[str]], limit: int = 40) -> str:
         for i, cell in enumerate(row):
             widths[i] = min(limit, max(widths[i], len(cell)))
     lines = []
+    last = len(headers) - 1
     for row in [headers, *rows]:
-        cells = [c if len(c) <= limit else c[: limit - 1] + "~" for c in row]
+        # The last column (the error, the cause) is not cut: nothing is aligned after it.
+        cells = [
+            c if len(c) <= limit or i == last else c[: limit - 1] + "~" for i, c in enumerate(row)
+        ]
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
@@ -70,6 +74,10 @@ def collect(directory: Path, metric: str | None = None) -> tuple[state.SweepFile
         if job_ids and info.get("job_id") != job_ids[-1]:
             record = {}  # from an earlier attempt; this one's task has not started yet
         job = job_ids[-1] if job_ids else info.get("job_id", "")
+        cause: Mapping[str, Any] = {}
+        if record and now in causes.CAUSE_STATES:
+            # Read from the record once it is there; found (and kept) on the first status.
+            cause = causes.ensure_cause(Path(entry["run_dir"]), record).get("cause") or {}  # type: ignore[arg-type]
         rows.append(
             {
                 "index": entry["index"],
@@ -80,6 +88,8 @@ def collect(directory: Path, metric: str | None = None) -> tuple[state.SweepFile
                 **{f"key:{k}": entry["overrides"].get(k) for k in current["keys"]},
                 "metric": state.read_metric(entry["run_dir"], metric) if record else None,
                 "error": record.get("error") or "",
+                "cause": cause.get("kind", ""),
+                "cause_summary": cause.get("summary", ""),
                 "run_dir": entry["run_dir"],
             }
         )
@@ -110,12 +120,19 @@ def print_status(directory: Path, out: TextIO, metric: str | None = None) -> int
             r["job_id"],
             *(show_value(r[f"key:{k}"]) for k in keys),
             "" if r["metric"] is None else f"{r['metric']:.6g}",
-            r["error"][:60],
+            (f"[{r['cause']}] {r['cause_summary']}" if r["cause"] else r["error"])[:160],
         ]
         for r in rows
     ]
     headers = ["#", "POINT", "STATE", "TRIES", "JOB", *keys, current["metric"].upper(), "ERROR"]
     print(table(headers, cells), file=out)
+    by_cause: dict[str, int] = {}
+    for row in rows:
+        if row["cause"]:
+            by_cause[row["cause"]] = by_cause.get(row["cause"], 0) + 1
+    if by_cause:
+        ranked = sorted(by_cause.items(), key=lambda kv: (-kv[1], kv[0]))
+        print("failed points by cause: " + ", ".join(f"{k} {n}" for k, n in ranked), file=out)
     return 0
 
 
