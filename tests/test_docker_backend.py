@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,7 +83,10 @@ def test_shm_sizing_lets_loader_workers_run(project_image, runs_dir, tmp_path):
         "train": {"micro_batch_size": 8},
     }
     small = _config(tmp_path, project_image.tag, **base, docker={"shm_gb": 0.0625})
-    out = launcher_cmd("run", str(small), f"runs_dir={runs_dir / 'small'}", "--quiet")
+    # Past the preflight, which refuses this shm up front: the backend's own outcome.
+    out = launcher_cmd(
+        "run", str(small), f"runs_dir={runs_dir / 'small'}", "--quiet", "--no-preflight"
+    )
     assert out.returncode == 1, "64 MB /dev/shm (Docker's default) must not hold these batches"
     log = (_only_run(runs_dir / "small") / "logs" / "rank0.log").read_text()
     assert "shared memory" in log or "shm" in log or "Bus error" in log, log[-2000:]
@@ -100,7 +105,8 @@ def test_gpus_without_gpu_runtime_is_one_clear_line(
 ):
     before = {c.id for c in docker_client.containers.list(all=True)}
     cfg = _config(tmp_path, project_image.tag, resources={"gpus_per_node": 1, "procs_per_node": 1})
-    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}")
+    # Past the preflight (which refuses GPUs here up front), as when the engine changed since.
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--no-preflight")
     assert out.returncode == 1
     err = out.stderr.strip().splitlines()[-1]
     assert err.startswith("launcher: error: GPUs were asked for") and "Traceback" not in out.stderr
@@ -139,7 +145,8 @@ def test_refused_container_ends_failed_with_the_reason(
     docker_client, runs_dir, tmp_path, image, said
 ):
     cfg = _config(tmp_path, image)
-    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}")
+    # Past the preflight (which refuses both up front), as when the image went away since.
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--no-preflight")
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(f"launcher: error: {said}")
@@ -249,11 +256,14 @@ def test_kill_9_of_a_foreground_run_takes_its_container_along(
 def test_time_limit_and_a_stopped_rank_in_a_container(
     project_image, docker_client, runs_dir, tmp_path
 ):
+    """At the time limit every rank gets the stop signal first, a stopped one too (with
+    SIGCONT): the plain script saves its checkpoint, then the run ends FAILED."""
     cfg = _config(
         tmp_path,
         project_image.tag,
-        entrypoint={"script": "tests/jobs/sleeper.py"},
+        entrypoint={"script": SAVER},
         resources={"procs_per_node": 2, "time_min": 1},
+        local={"stop_grace_s": 20},
     )
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -264,8 +274,8 @@ def test_time_limit_and_a_stopped_rank_in_a_container(
         text=True,
     )
     run_dir = _wait(lambda: list(runs.iter_run_dirs(runs_dir)), 60)[0]
-    _wait(lambda: (run_dir / "pid-rank0").exists(), 120)
-    pid = int((run_dir / "pid-rank0").read_text())  # in the container's PID namespace
+    _wait(lambda: (run_dir / "ready-rank0").exists(), 120)
+    pid = int((run_dir / "ready-rank0").read_text())  # in the container's PID namespace
     container = docker_client.containers.get(
         runs.read_record(run_dir)["backend_info"]["container_id"]
     )
@@ -278,9 +288,135 @@ def test_time_limit_and_a_stopped_rank_in_a_container(
     assert "time limit of 1 min reached" in out + err
     record = runs.read_record(run_dir)
     assert record["state"] == "FAILED"
-    assert record["error"].startswith("time limit of 1 min reached (resources.time_min)")
+    assert record["error"].startswith(
+        "time limit of 1 min reached (resources.time_min); every rank got SIGTERM and 20 s to save"
+    )
     assert "rank 0" in record["error"] and "stopped by a signal" in record["error"]
+    _saved(run_dir, "SIGTERM")
     assert _gone(docker_client, container.id)
+
+
+# --- your own script, unchanged (issue 12) -------------------------------------------------
+
+SAVER = "tests/jobs/save_on_stop.py"
+
+
+def _saved(run_dir: Path, signame: str) -> None:
+    """The checkpoint the plain script wrote on its stop signal: loadable, from that signal."""
+    import torch
+
+    path = run_dir / "checkpoints" / "stopped.pt"
+    assert path.is_file(), sorted(p.name for p in run_dir.rglob("*"))
+    state = torch.load(path)
+    assert state["signal"] == signame and state["step"] >= 1
+    assert set(state["model"]) == {"weight", "bias"} and state["optimizer"]["param_groups"]
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}: {signame} at step {state['step']}; saved" in log, log
+
+
+PLAIN_ARGS = ["--steps", "1000000", "--step-s", "0.05"]
+
+
+def _start_plain(project_image, runs_dir: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """examples/plain_train.py (saves on SIGTERM) under a foreground `launcher run` that
+    leads its own process group, as a terminal starts it; returns once training started."""
+    cfg = _config(
+        tmp_path,
+        project_image.tag,
+        entrypoint={"script": "examples/plain_train.py", "args": PLAIN_ARGS},
+        local={"stop_grace_s": 20},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(cfg), f"runs_dir={runs_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        run_dir = _wait(lambda: list(runs.iter_run_dirs(runs_dir)), 60)[0]
+        progress = run_dir / "progress.jsonl"
+        _wait(lambda: progress.is_file() and "start" in progress.read_text(), 120)
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(proc.communicate()[0]) from None
+    return proc, run_dir
+
+
+def _plain_saved(run_dir: Path) -> None:
+    """examples/plain_train.py's checkpoint, written through the mount: loadable, at the stop."""
+    import torch
+
+    state = torch.load(run_dir / "plain-ckpt.pt")
+    assert state["step"] >= 1 and set(state["model"]) == {"weight", "bias"}
+    assert state["opt"]["param_groups"]
+    events = [json.loads(line)["event"] for line in (run_dir / "progress.jsonl").open()]
+    assert events == ["start", "stop"]
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}: saved at step {state['step']}" in log, log
+
+
+@pytest.mark.parametrize("how", ["launcher cancel", "Ctrl-C"])
+def test_plain_example_saves_in_a_container_and_the_run_is_cancelled(
+    project_image, docker_client, runs_dir, tmp_path, how
+):
+    proc, run_dir = _start_plain(project_image, runs_dir, tmp_path)
+    container_id = runs.read_record(run_dir)["backend_info"]["container_id"]
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    else:
+        cancel = launcher_cmd("cancel", run_dir.name, f"--runs-dir={runs_dir}")
+        assert cancel.returncode == 0, cancel.stderr
+    out = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 130, out
+    record = runs.read_record(run_dir)
+    assert record["state"] == "CANCELLED"
+    assert record["error"] == ("stopped by SIGINT" if how == "Ctrl-C" else "stopped by SIGTERM")
+    assert record["exit_codes"] == {"0": 0, "1": 0}  # both saved and exited by themselves
+    assert "get SIGTERM to save and exit, SIGKILL after 20 s" in out
+    _plain_saved(run_dir)
+    _wait(lambda: _gone(docker_client, container_id), 30)
+
+
+def test_job_interpreter_without_launcher_in_a_container(project_image, runs_dir, tmp_path):
+    """The image's system python (/usr/bin/python3) has no launcher (only /opt/venv does):
+    the supervisor runs with the image's launcher python, the ranks with this one."""
+    cfg = _config(
+        tmp_path,
+        project_image.tag,
+        entrypoint={"script": "tests/jobs/no_launcher.py", "python": "/usr/bin/python3"},
+    )
+    plan = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--dry-run")
+    assert "command:   python -m launcher.backends.local" in plan.stdout, plan.stdout
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--quiet")
+    assert out.returncode == 0, out.stderr + out.stdout
+    run_dir = _only_run(runs_dir)
+    assert runs.read_record(run_dir)["state"] == "COMPLETED"
+    for rank in (0, 1):
+        seen = json.loads((run_dir / f"no-launcher-rank{rank}.json").read_text())
+        assert seen == {"executable": "/usr/bin/python3", "launcher": None}
+
+
+def test_rank_that_cannot_start_in_a_container_is_named_with_its_log(
+    project_image, runs_dir, tmp_path
+):
+    cfg = _config(
+        tmp_path,
+        project_image.tag,
+        entrypoint={"script": SAVER, "python": "/opt/nowhere/python"},
+    )
+    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "--quiet")
+    assert out.returncode == 1
+    run_dir = _only_run(runs_dir)
+    record = runs.read_record(run_dir)
+    assert record["state"] == "FAILED" and record["failed_rank"] == 0
+    status = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}")
+    assert "cannot start rank 0: No such file or directory: /opt/nowhere/python" in status.stdout
+    assert "--- last lines of rank 0" in status.stdout
+    assert "launcher guard: cannot start the rank: No such file or directory" in status.stdout
 
 
 def _wait(check, timeout: float):

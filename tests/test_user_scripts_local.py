@@ -80,28 +80,70 @@ def _saved(run_dir: Path, signame: str) -> dict:
     return state
 
 
-def test_cancel_gives_every_rank_the_stop_signal_and_the_script_saves(runs_dir, write_config):
-    proc, run_dir = _start(runs_dir, _config(write_config, SAVER))
-    cancel = launcher_cmd("cancel", run_dir.name, f"--runs-dir={runs_dir}")
-    assert cancel.returncode == 0, cancel.stderr
+# examples/plain_train.py: a plain DDP script that saves on SIGTERM, unchanged from torchrun.
+PLAIN = "examples/plain_train.py"
+PLAIN_ARGS = '["--steps", "1000000", "--step-s", "0.05"]'
+
+
+def _plain_config(write_config) -> Path:
+    return write_config(
+        f"name: plain\nworkdir: {ROOT}\n"
+        f"entrypoint: {{script: {PLAIN}, args: {PLAIN_ARGS}}}\n"
+        "resources: {procs_per_node: 2}\nlocal: {stop_grace_s: 20}\n"
+    )
+
+
+def _start_plain(runs_dir: Path, cfg: Path) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "run", str(cfg), f"runs_dir={runs_dir}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        run_dir = _wait_for(lambda: list(runs.iter_run_dirs(runs_dir)), 60, "the run dir")[0]
+        progress = run_dir / "progress.jsonl"
+        _wait_for(lambda: progress.is_file() and "start" in progress.read_text(), 120, "start")
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(proc.communicate()[0]) from None
+    return proc, run_dir
+
+
+def _plain_saved(run_dir: Path) -> None:
+    """examples/plain_train.py's checkpoint: there, loadable, written at the stop."""
+    import torch
+
+    state = torch.load(run_dir / "plain-ckpt.pt")
+    assert state["step"] >= 1 and set(state["model"]) == {"weight", "bias"}
+    assert state["opt"]["param_groups"]
+    events = [json.loads(line)["event"] for line in (run_dir / "progress.jsonl").open()]
+    assert events == ["start", "stop"]
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank}: saved at step {state['step']}" in log, log
+        assert "got SIGTERM: sending SIGTERM to the rank" in log
+
+
+@pytest.mark.parametrize("how", ["launcher cancel", "Ctrl-C"])
+def test_plain_example_saves_its_checkpoint_and_the_run_is_cancelled(runs_dir, write_config, how):
+    proc, run_dir = _start_plain(runs_dir, _plain_config(write_config))
+    if how == "Ctrl-C":
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    else:
+        cancel = launcher_cmd("cancel", run_dir.name, f"--runs-dir={runs_dir}")
+        assert cancel.returncode == 0, cancel.stderr
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, out
     record = runs.read_record(run_dir)
-    assert record["state"] == "CANCELLED" and record["error"] == "stopped by SIGTERM"
+    assert record["state"] == "CANCELLED"
+    assert record["error"] == ("stopped by SIGINT" if how == "Ctrl-C" else "stopped by SIGTERM")
     assert record["exit_codes"] == {"0": 0, "1": 0}  # they saved and exited by themselves
     assert all(end["stopped_by_launcher"] for end in record["rank_ends"].values())
-    _saved(run_dir, "SIGTERM")
     assert "rank(s) 0, 1 get SIGTERM to save and exit, SIGKILL after 20 s" in out
-
-
-def test_ctrl_c_gives_every_rank_the_stop_signal_and_the_script_saves(runs_dir, write_config):
-    proc, run_dir = _start(runs_dir, _config(write_config, SAVER))
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-    out = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 130, out
-    record = runs.read_record(run_dir)
-    assert record["state"] == "CANCELLED" and record["error"] == "stopped by SIGINT"
-    _saved(run_dir, "SIGTERM")  # the job's stop signal, not the terminal's SIGINT
+    _plain_saved(run_dir)
 
 
 def test_configured_stop_signal_reaches_the_script(runs_dir, write_config):

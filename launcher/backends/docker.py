@@ -188,7 +188,7 @@ class DockerBackend:
         }
         payload: SupervisorPayload = {
             "procs": procs,
-            **stop_settings(spec, self.name),
+            **stop_settings(spec),
             "container": container,
         }
         return Plan(

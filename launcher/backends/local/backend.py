@@ -82,7 +82,7 @@ class LocalBackend:
             master_port=spec.local.master_port or PORT_AT_START,
             config_file=config_file,
         )
-        payload: SupervisorPayload = {"procs": procs, **stop_settings(spec, self.name)}
+        payload: SupervisorPayload = {"procs": procs, **stop_settings(spec)}
         return Plan(
             backend=self.name,
             spec=spec,

@@ -102,13 +102,13 @@ def require_one_node(spec: JobSpec, config_file: str | None, backend: str, hint:
         )
 
 
-def stop_settings(spec: JobSpec, backend: str) -> SupervisorPayload:
+def stop_settings(spec: JobSpec) -> SupervisorPayload:
     """The plan's stop signal, grace and time limit for the local and Docker backends. The
     limit applies only when the config sets resources.time_min (null: none here)."""
     minutes = spec.resources.time_min
     return {
-        "stop_signal": stop_signal(spec, backend),
-        "stop_grace_s": stop_grace_s(spec, backend),
+        "stop_signal": stop_signal(spec),  # no Slurm variables here: TERM for Lightning too
+        "stop_grace_s": stop_grace_s(spec, spec.local.stop_grace_s),
         "time_limit_s": None if minutes is None else float(minutes * 60),
     }
 
