@@ -20,6 +20,13 @@ from launcher.files import open_regular
 from launcher.triage import BackendView, RankEnd, diagnose
 
 CAUSE_STATES = ("FAILED", "CANCELLED")
+# Backend errors that mean no rank's script ever ran: a rank that could not be started, tasks
+# that never reported (Slurm), an image the engine does not have.
+_NEVER_STARTED = re.compile(
+    r"cannot start rank|never reported an exit|the tasks did not start|No such image|"
+    r"pull access denied|image .* not found|invalid reference format",
+    re.IGNORECASE,
+)
 TAIL_BYTES = 16 * 1024
 MAX_RANK_LOGS = 256  # a 4,096-rank job: read the logs of the ranks that failed, not all
 
@@ -99,15 +106,14 @@ def backend_view(record: runs.RunRecord) -> BackendView:
     if state == "CANCELLED" and not slurm_state:
         match = re.search(r"(?:stopped|cancelled) by (.+)", error)
         cancelled_by = match.group(1).strip() if match else "launcher cancel"
-    never = None
-    if state == "FAILED" and error.startswith("cannot start rank"):
-        never = error
+    never = error if state == "FAILED" and _NEVER_STARTED.search(error) else None
     oom = bool(record.get("oom_kills")) or error.startswith("killed: out of memory")
     return BackendView(
         slurm_state=slurm_state,
         oom_killed=oom,
         cancelled_by=cancelled_by,
         never_started=never,
+        error=error or None,
     )
 
 

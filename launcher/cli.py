@@ -214,7 +214,7 @@ def refresh_all(run_dirs: list[Path], warned: set[str] | None = None) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launcher import runs
+    from launcher import causes, runs
     from launcher.errors import DamagedRecord
 
     unreadable: dict[Path, str] = {}
@@ -226,7 +226,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows: list[tuple[Path, RunRecord | DamagedRecord]] = []
     for run_dir in run_dirs:
         try:
-            rows.append((run_dir, _read(run_dir)))
+            # A run that did not complete gets its cause once; later calls read it back.
+            rows.append((run_dir, causes.ensure_cause(run_dir, _read(run_dir))))
         except DamagedRecord as exc:
             if args.run:
                 raise  # the one run asked for: one line, exit 2
@@ -250,7 +251,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if isinstance(rec, DamagedRecord):
             print(f"DAMAGED {show(rec.path)}: {show(rec.why)}")
             continue
+        cause = rec.get("cause") or {}
         detail = rec.get("error") or rec.get("warning") or ""
+        if cause:
+            detail = f"[{cause.get('kind')}] {detail or cause.get('summary')}"
         attempts = rec.get("attempts") or []
         if len(attempts) > 1:
             detail = f"attempt {len(attempts)}; {detail}".rstrip("; ")
@@ -260,16 +264,47 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if args.run:
         run_dir, rec = rows[0]
-        if not isinstance(rec, DamagedRecord) and rec["state"] == "FAILED":
+        if not isinstance(rec, DamagedRecord) and rec["state"] in causes.CAUSE_STATES:
+            _print_cause(rec)
             _print_failure_tail(run_dir, rec)
     return 0
+
+
+def _print_cause(record: RunRecord) -> None:
+    """Why, where it started, what to do: above the log tail."""
+    from launcher import runs
+
+    cause = record.get("cause") or {}
+    if not cause:
+        return
+    show = runs.printable
+    print(f"cause:    {show(cause.get('kind'))}: {show(cause.get('summary'))}")
+    if cause.get("rank") is not None:
+        where = f"rank {cause['rank']}"
+        if cause.get("node"):
+            where += f" on {show(cause['node'])}"
+        when = cause.get("time")
+        if isinstance(when, (int, float)) and when > 0:
+            import datetime as dt
+
+            stamp = dt.datetime.fromtimestamp(when, dt.timezone.utc).isoformat(timespec="seconds")
+            where += f" at {stamp}"
+        print(f"started:  {where}")
+    if cause.get("consequences"):
+        ranks = ", ".join(str(r) for r in cause["consequences"])
+        print(f"then:     rank(s) {ranks} stopped or failed because of it")
+    detail = cause.get("detail") or {}
+    if cause.get("kind") == "unknown":
+        print(f"raw:      {show(json.dumps(detail, sort_keys=True))}")
+    print(f"hint:     {show(cause.get('hint'))}")
 
 
 def _print_failure_tail(run_dir: Path, record: RunRecord) -> None:
     from launcher import runs
     from launcher.backends import get_backend
 
-    rank = record.get("failed_rank")
+    cause = record.get("cause") or {}
+    rank = cause.get("rank") if cause.get("rank") is not None else record.get("failed_rank")
     if rank is None:
         return
     log = get_backend(record["backend"]).log_files(run_dir).get(rank)

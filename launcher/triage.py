@@ -124,6 +124,7 @@ class BackendView:
     oom_killed: bool = False  # Docker's State.OOMKilled, or the cgroup's oom_kill count grew
     cancelled_by: str | None = None  # "launcher cancel", "SIGINT", "uid 1000"
     never_started: str | None = None  # why: "image not found", "interpreter missing"
+    error: str | None = None  # the backend's own one-line error, shown when no rule matches
     requeues_left: int | None = None
     time_limit_min: float | None = None
 
@@ -345,6 +346,9 @@ def diagnose(ends: list[RankEnd], view: BackendView | None = None) -> Cause:
             summary += f" ({view.time_limit_min:g} min)"
         return _make(kind, summary, consequences=consequences, detail=raw, **where)
     if first is None:
+        if view.error and not any(e.exit_code is not None for e in ends):
+            # Nothing of the ranks to go on: the backend's own words, never a guess.
+            return _make("unknown", view.error, detail=raw)
         if ends and all(e.exit_code is None for e in ends):
             return _make(
                 "never_started",

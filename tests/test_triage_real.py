@@ -5,6 +5,7 @@ launcher.causes exactly as `launcher status` does.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,26 @@ def test_an_exception_on_one_rank_is_the_cause_and_the_others_are_consequences(t
     assert cause["consequences"] == [0]
     # Kept in the record: read again, not recomputed.
     assert runs.read_record(run_dir)["cause"] == cause
+    status = subprocess.run(
+        [sys.executable, "-m", "launcher", "status", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = status.stdout.splitlines()
+    assert "cause:    python_exception: ValueError: bad batch shape" in status.stdout
+    assert any(line.startswith("started:  rank 1") for line in lines)
+    assert "then:     rank(s) 0 stopped or failed because of it" in lines
+    hint = next(i for i, line in enumerate(lines) if line.startswith("hint:"))
+    tail = next(i for i, line in enumerate(lines) if line.startswith("--- last lines of rank 1"))
+    assert hint < tail  # the cause comes above the log tail
+    as_json = subprocess.run(
+        [sys.executable, "-m", "launcher", "status", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(as_json.stdout)[0]["cause"] == cause
 
 
 def test_a_missing_module_is_named(tmp_path):
