@@ -253,7 +253,9 @@ class Race:
         best = max(pooled.values())
         ranked = sorted(pooled, key=lambda w: -pooled[w])
         keep = ranked[: max(2, math.ceil(len(ranked) / 2))]
-        keep = [w for w in keep if pooled[w] >= best * CLEARLY_WORSE]
+        # The clearly worse leave at once, but the best two always race again: one short
+        # window on a busy machine can be off by more than CLEARLY_WORSE.
+        keep = keep[:2] + [w for w in keep[2:] if pooled[w] >= best * CLEARLY_WORSE]
         if len(self.survivors) <= 2 and self.round >= 1 or len(keep) == 1:
             self.survivors = keep
             chosen = self.choose({w: pooled[w] for w in keep})
