@@ -16,8 +16,11 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -233,8 +236,11 @@ def oci_cluster():
 
 
 @pytest.fixture(scope="module")
-def oci_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("image-cache")
+def oci_cache(tmp_path_factory) -> Iterator[Path]:
+    """One conversion for the module's runs; the 1+ GB rootfs goes when they are done."""
+    cache = tmp_path_factory.mktemp("image-cache")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def _oci_job(
@@ -459,9 +465,20 @@ def _wait(cond, timeout: float, what: str) -> None:
 def test_conversion_happens_once_per_tag(oci_cluster, project_image, tmp_path):
     cache = tmp_path / "cache"
     spec = _spec("oci", image=project_image.tag)
-    first = C.prepare_image(spec, cache)
+    try:
+        _check_converted_once(spec, cache, project_image)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _check_converted_once(spec: JobSpec, cache: Path, project_image) -> None:
+    # Two submissions of the same tag at once: one converts, the other waits and reuses it.
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: C.prepare_image(spec, cache), range(2)))
+    assert sorted(p.converted for p in both) == [False, True]
+    first = next(p for p in both if p.converted)
     again = C.prepare_image(spec, cache)
-    assert first.converted and not again.converted
+    assert not again.converted
     assert again.seconds < 0.5 < first.seconds
     rootfs = first.artifact.rootfs
     assert (rootfs / "etc" / "launcher-image").read_text().strip() == "launcher-image"
