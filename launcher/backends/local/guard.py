@@ -318,7 +318,7 @@ def _exit_like(status: int | None) -> NoReturn:
 
 
 def signal_number(name: str) -> int:
-    """ "TERM", "SIGUSR2", "15" -> the signal's number."""
+    """A signal's name ("TERM", "SIGUSR2") or number ("15") -> its number."""
     if name.isdigit():
         return int(name)
     return int(signal.Signals["SIG" + name.upper().removeprefix("SIG")])
