@@ -8,6 +8,8 @@ with its own loader, as 2 local ranks do), measures samples/s for num_workers 0.
 (split per process) with pin_memory off/on, and where the picks (`pick_loader(detect(), ...)`)
 land. `--step-ms` makes the consuming process busy for that long per batch (a stand-in for
 the training step that shares the CPUs with the workers). Target: picks >= 95% of the best.
+The fixed rule found here is `num_workers: auto`'s first candidate; bench/loader_auto.py
+measures auto itself against a full grid on several workloads.
 """
 
 from __future__ import annotations
