@@ -80,7 +80,13 @@ def rank_ends(run_dir: Path, record: runs.RunRecord) -> list[RankEnd]:
         code = info.get("code", codes.get(key, exit_file.get("exit_code")))
         if not isinstance(code, int) or isinstance(code, bool):
             code = None
-        stopped = bool(info.get("stopped_by_launcher")) or bool(exit_file.get("signal_received"))
+        # rank.py: the wrapper got a stop (srun's kill-on-bad-exit TERM, the time limit's
+        # stop file) before its script ended.
+        stopped = bool(
+            info.get("stopped_by_launcher")
+            or exit_file.get("signal_received")
+            or exit_file.get("stopped_by")
+        )
         if not ends and not exit_file and failed_rank is not None and rank != failed_rank:
             # Older local records: the supervisor stopped every rank but the failing one.
             stopped = code is not None and code != 0
@@ -108,13 +114,33 @@ def backend_view(record: runs.RunRecord) -> BackendView:
         cancelled_by = match.group(1).strip() if match else "launcher cancel"
     never = error if state == "FAILED" and _NEVER_STARTED.search(error) else None
     oom = bool(record.get("oom_kills")) or error.startswith("killed: out of memory")
+    stopped_for, stop_reason = _last_stop(record)
     return BackendView(
+        stopped_for=stopped_for,
+        stop_reason=stop_reason,
         slurm_state=slurm_state,
         oom_killed=oom,
         cancelled_by=cancelled_by,
         never_started=never,
         error=error or None,
     )
+
+
+def _last_stop(record: runs.RunRecord) -> tuple[str | None, str | None]:
+    """Why the launcher stopped the last Slurm attempt (batch.py's "signal" event): Slurm's
+    PreemptTime said preempted; else, with no rank asking to requeue, its USR2 came from the
+    time limit (Slurm's or the launcher's own timer) and no requeue was left."""
+    attempts = record.get("attempts") or []
+    last = attempts[-1] if attempts and isinstance(attempts[-1], dict) else {}
+    if not last.get("signalled"):
+        return None, None
+    reason = last.get("reason")
+    reason = reason if isinstance(reason, str) else None
+    if reason == "preempted":
+        return "preempted", None
+    if last.get("requeued") is False and not last.get("asked_by_ranks"):
+        return "time_limit", reason
+    return None, None
 
 
 def ensure_cause(run_dir: Path, record: runs.RunRecord) -> runs.RunRecord:

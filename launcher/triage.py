@@ -72,7 +72,10 @@ _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (.+)$', re.MULTILINE)
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Failure)):?\s?(.*)$")
 _CUDA_OOM = re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED")
 _SHM = re.compile(
+    # torch's words for each way a worker's batch does not fit: a bus error (the mmap'd file
+    # could not grow), or ENOSPC when the tensor's shared storage is made ("(shm) ... (28)").
     r"insufficient shared memory|unexpected bus error|Bus error|"
+    r"unable to allocate shared memory\(shm\)|"
     r"No space left on device.*shm|/dev/shm.*No space left|unable to (?:write to|mmap) .*torch_"
 )
 _WORKER_KILLED = re.compile(
@@ -127,6 +130,10 @@ class BackendView:
     error: str | None = None  # the backend's own one-line error, shown when no rule matches
     requeues_left: int | None = None
     time_limit_min: float | None = None
+    # Slurm: the launcher stopped the last attempt ahead of Slurm: "time_limit" (its USR2
+    # before the limit, no requeue left) or "preempted"; the job then ends FAILED, not TIMEOUT.
+    stopped_for: str | None = None
+    stop_reason: str | None = None  # the attempt's words: "slurm.max_requeue=0 reached"
 
 
 @dataclass(frozen=True)
@@ -224,8 +231,12 @@ def classify_rank(end: RankEnd) -> _Finding | None:
     if _CUDA_OOM.search(log):
         return _Finding("cuda_oom", f"CUDA out of memory ({what})", _exc_detail(log))
     worker = _WORKER_KILLED.search(log)
-    if _SHM.search(log) or (worker and (worker.group(1) or "").startswith("Bus")):
-        return _Finding("shm_full", f"bus error in a DataLoader worker: /dev/shm full ({what})", {})
+    shm = _SHM.search(log)
+    if shm or (worker and (worker.group(1) or "").startswith("Bus")):
+        said = shm.group(0) if shm else "bus error"
+        return _Finding(
+            "shm_full", f"/dev/shm full in a DataLoader worker: {said} ({what})", {"message": said}
+        )
     if worker:
         return _Finding("loader_worker_killed", f"a DataLoader worker died ({worker.group(0)})", {})
     timeout = _TIMEOUT.search(log)
@@ -328,6 +339,11 @@ def diagnose(ends: list[RankEnd], view: BackendView | None = None) -> Cause:
 
     if view.never_started:
         return _make("never_started", view.never_started, detail=raw, **where)
+    because = f" ({view.stop_reason})" if view.stop_reason else ""
+    if view.stopped_for == "preempted":
+        # Before the cancellation: Slurm ends a preempted job that may not requeue CANCELLED.
+        summary = "preempted with no requeue left" + because
+        return _make("preempted", summary, detail=raw)
     state = (view.slurm_state or "").split()[0] if view.slurm_state else ""
     if view.cancelled_by or state == "CANCELLED":
         who = view.cancelled_by or " ".join((view.slurm_state or "").split()[1:]) or "someone"
@@ -340,6 +356,12 @@ def diagnose(ends: list[RankEnd], view: BackendView | None = None) -> Cause:
             detail=raw,
             **where,
         )
+    if view.stopped_for == "time_limit" and state not in _SLURM_VERDICTS:
+        summary = "stopped at the time limit to save, not requeued" + because
+        if view.time_limit_min:
+            summary = summary.replace("time limit", f"time limit ({view.time_limit_min:g} min)")
+        # Every rank was stopped on purpose: none of them is the cause.
+        return _make("time_limit", summary, detail=raw)
     if state in _SLURM_VERDICTS:
         kind, summary = _SLURM_VERDICTS[state]
         if kind == "time_limit" and view.time_limit_min:

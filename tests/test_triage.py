@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from launcher.causes import backend_view, rank_ends
 from launcher.triage import BackendView, RankEnd, diagnose, last_exception, signal_of
 
 SITE = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages"
@@ -54,6 +55,14 @@ torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 h
 SHM_BUS = """ERROR: Unexpected bus error encountered in worker. This might be caused by insufficient shared memory (shm).
 Traceback (most recent call last):
 RuntimeError: DataLoader worker (pid 812) is killed by signal: Bus error. It is possible that dataloader's workers are out of shared memory. Please try to raise your shared memory limit.
+"""  # noqa: E501
+
+# What torch 2.x says in Docker with docker.shm_gb 0.0625 (tests/test_triage_docker.py).
+SHM_ENOSPC = """RuntimeError: Caught RuntimeError in DataLoader worker process 0.
+Original Traceback (most recent call last):
+  File "/opt/venv/lib/python3.11/site-packages/torch/storage.py", line 414, in _new_shared
+    return cls._new_using_fd_cpu(size)
+RuntimeError: unable to allocate shared memory(shm) for file </torch_11_4213813803_0>: No space left on device (28)
 """  # noqa: E501
 
 NO_MODULE = """Traceback (most recent call last):
@@ -111,6 +120,9 @@ def test_cuda_oom_is_matched_from_its_message() -> None:
 
 def test_a_bus_error_in_a_loader_worker_is_a_full_dev_shm() -> None:
     assert diagnose([RankEnd(0, 1, None, 1.0, SHM_BUS)]).kind == "shm_full"
+    enospc = diagnose([RankEnd(0, 1, None, 1.0, SHM_ENOSPC)])
+    assert enospc.kind == "shm_full", enospc  # not the RuntimeError it is raised as
+    assert "unable to allocate shared memory(shm)" in enospc.summary
 
 
 def test_a_missing_module_is_named() -> None:
@@ -176,3 +188,71 @@ def test_last_exception_reads_the_final_traceback() -> None:
         "/work/job/model.py:12",
     )
     assert last_exception("no traceback here") is None
+
+
+def _attempt(**event) -> dict:
+    return {"attempt": 1, "job_id": "7", "started": 1.0, "signalled": 31.0, **event}
+
+
+def test_the_launchers_stop_at_the_time_limit_with_no_requeue_is_time_limit() -> None:
+    # What a real 1-minute job left (tests/test_triage_slurm.py): FAILED, not TIMEOUT, and
+    # the rank's SIGTERM came from the launcher.
+    record = {
+        "state": "FAILED",
+        "slurm_state": "FAILED",
+        "attempts": [_attempt(requeued=False, reason="slurm.max_requeue=0 reached")],
+    }
+    view = backend_view(record)  # type: ignore[arg-type]
+    assert (view.stopped_for, view.stop_reason) == ("time_limit", "slurm.max_requeue=0 reached")
+    cause = diagnose([RankEnd(0, -15, "node1", 30.0, "", stopped_by_launcher=True)], view)
+    assert cause.kind == "time_limit" and "not requeued" in cause.summary
+    assert cause.rank is None  # every rank was stopped on purpose
+
+
+def test_a_rank_asking_to_requeue_or_slurms_term_is_not_a_time_limit() -> None:
+    asked = _attempt(requeued=False, reason="slurm.max_requeue=0 reached", asked_by_ranks=[0])
+    term = _attempt(requeued=None, by="slurm", reason="ended by Slurm (TERM)")
+    for attempt in (asked, term):
+        view = backend_view({"state": "FAILED", "attempts": [attempt]})  # type: ignore[arg-type]
+        assert view.stopped_for is None, attempt
+
+
+def test_preempted_in_the_last_attempt_is_preempted_even_when_slurm_says_cancelled() -> None:
+    record = {
+        "state": "CANCELLED",
+        "slurm_state": "CANCELLED",
+        "slurm_reason": "by 0",
+        "attempts": [_attempt(requeued=None, by="slurm", reason="preempted")],
+    }
+    cause = diagnose([RankEnd(0, -15, "node1", 30.0, "")], backend_view(record))  # type: ignore[arg-type]
+    assert cause.kind == "preempted" and "slurm.max_requeue" in cause.hint
+
+
+def test_a_slurm_rank_whose_wrapper_got_a_stop_is_a_consequence(tmp_path) -> None:
+    # rank.py's exit files: rank 1 raised; srun's kill-on-bad-exit TERM reached rank 0's
+    # wrapper ("stopped_by"). Its end time is earlier (the nodes' clocks, or rank 1's exit
+    # file written after srun's kill): it is still the consequence.
+    import json
+
+    (tmp_path / "exits").mkdir()
+    (tmp_path / "logs").mkdir()
+    exits = {
+        0: {"exit_code": -15, "node": "node1", "ended": 10.0, "stopped_by": "SIGTERM"},
+        1: {"exit_code": 1, "node": "node2", "ended": 11.0},
+    }
+    for rank, data in exits.items():
+        (tmp_path / "exits" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **data}))
+    (tmp_path / "logs" / "rank1.log").write_text(
+        'Traceback (most recent call last):\n  File "/w/job.py", line 8, in <module>\n'
+        "ValueError: bad batch shape\n"
+    )
+    record = {"state": "FAILED", "world_size": 2, "slurm_state": "FAILED"}
+    ends = rank_ends(tmp_path, record)  # type: ignore[arg-type]
+    assert [e.stopped_by_launcher for e in ends] == [True, False]
+    cause = diagnose(ends, backend_view(record))  # type: ignore[arg-type]
+    assert (cause.kind, cause.rank, cause.node, cause.consequences) == (
+        "python_exception",
+        1,
+        "node2",
+        (0,),
+    )
