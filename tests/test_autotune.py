@@ -28,6 +28,7 @@ from launcher.hardware import (
     pick_loader,
     worker_candidates,
 )
+from launcher.ports import free_port
 from launcher.runtime import autotune
 from launcher.runtime import checkpoint as ckpt
 from launcher.runtime.loader import ResumableSampler, make_loader, resolve_picks, tuner_for
@@ -362,7 +363,7 @@ def test_ranks_of_a_node_agree(tmp_path: Path) -> None:
         WORLD_SIZE="2",
         LOCAL_WORLD_SIZE="2",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(29000 + os.getpid() % 500),
+        MASTER_PORT=str(free_port()),
         TEST_OUT=str(tmp_path),
     )
     code = "import tests.test_autotune as t; t._rank_main()"
