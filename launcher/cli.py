@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--procs", type=int, help="processes on this machine (default: from config)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="measure the config's dataset with each num_workers candidate (imports torch)",
+    )
 
     p = sub.add_parser("build", help="build the training image from docker/ (docker SDK)")
     p.add_argument("config", nargs="?", help="config whose image: section to use")
@@ -214,7 +219,7 @@ def refresh_all(run_dirs: list[Path], warned: set[str] | None = None) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launcher import causes, runs
+    from launcher import causes, hardware, runs
     from launcher.errors import DamagedRecord
 
     unreadable: dict[Path, str] = {}
@@ -237,7 +242,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         out: list[dict[str, Any]] = [
             {"run_dir": str(d), "state": "DAMAGED", "record": r.path, "error": r.why}
             if isinstance(r, DamagedRecord)
-            else {**r, "run_dir": str(d)}
+            else {**r, "run_dir": str(d), "loader": hardware.measured_loader(d)}
             for d, r in rows
         ]
         print(json.dumps(out, indent=2))
@@ -399,6 +404,16 @@ def cmd_hw(args: argparse.Namespace) -> int:
 
     loader = LoaderSpec()
     procs = args.procs
+    if args.measure:
+        if not args.config:
+            from launcher.errors import ConfigError
+
+            raise ConfigError("launcher hw --measure needs a CONFIG whose dataset to measure")
+        from launcher.runtime import autotune
+
+        report = autotune.measure_config(args.config, args.overrides, procs)
+        print(json.dumps(report, indent=2) if args.json else autotune.format_measure(report))
+        return 0
     if args.config:
         from launcher import config
 

@@ -381,3 +381,24 @@ def test_ranks_of_a_node_agree(tmp_path: Path) -> None:
     assert r0["result"]["num_workers"] == r1["result"]["num_workers"]
     assert r0["result"]["table"] == r1["result"]["table"]
     assert r0["n"] == r1["n"] and r0["result"]["batches"] == r1["result"]["batches"]
+
+
+def test_hw_measure_prints_the_candidates_for_a_configs_dataset(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("name: m\ntrain: {steps: 4}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "hw", str(cfg), "--measure", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    measured = {row["num_workers"] for row in report["candidates"]}
+    assert report["rule"] in measured and 0 in measured
+    assert report["fastest"] in measured
+    assert all(row["samples_per_s"] > 0 for row in report["candidates"])
