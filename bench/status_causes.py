@@ -1,8 +1,8 @@
 """What finding a failure's cause costs `launcher status` and `launcher sweep status`.
 
 1,000 finished local runs (10% failed, each with two rank logs holding a traceback), and a
-1,000-point sweep with 100 failed points. Each command is timed (wall, a fresh interpreter
-each time, as a user runs it) three ways:
+1,000-point sweep with 100 failed points. Each command is timed (CPU seconds, user + sys,
+of a fresh interpreter each time, as a user runs it) four ways:
   old    the code before causes (a worktree at c91d342, default /work/before)
   first  this code, no cause in the records yet: the first call finds and writes 100
   held   this code, every cause already in its record (every later call)
@@ -10,7 +10,7 @@ each time, as a user runs it) three ways:
          as it is): what the rest of this code costs, so held/off is the cause step alone
 Target: `held` at most 20% over `off` (and `old`, where nothing else changed since).
 
-    python3 bench/status_causes.py [--repeat 5] [--before /work/before]
+    python3 bench/status_causes.py [--repeat 7] [--before /work/before]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,10 +142,13 @@ OFF = (
 
 def timed(argv: list[str], pythonpath: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     # cwd too: `python -m` puts the working folder before PYTHONPATH on sys.path.
     out = subprocess.run(argv, env=env, cwd=pythonpath, capture_output=True, text=True, timeout=600)
-    took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time (user + sys) of the command: on a shared, loaded machine the wall time
+    # mostly measures the other jobs.
+    took = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {out.stderr[-2000:]}")
     return took
@@ -184,7 +187,7 @@ def main() -> int:
             )
             kinds = {str((runs.read_record(d).get("cause") or {}).get("kind")) for d in failed}
             print(f"{'':<28} causes kept in the {len(failed)} failed records: {sorted(kinds)}")
-        print(f"medians of {args.repeat}, wall, a fresh interpreter per call")
+        print(f"medians of {args.repeat}, CPU s (user+sys), a fresh interpreter per call")
     return 0
 
 

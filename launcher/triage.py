@@ -346,8 +346,12 @@ def diagnose(ends: list[RankEnd], view: BackendView | None = None) -> Cause:
         return _make("preempted", summary, detail=raw)
     state = (view.slurm_state or "").split()[0] if view.slurm_state else ""
     if view.cancelled_by or state == "CANCELLED":
-        who = view.cancelled_by or " ".join((view.slurm_state or "").split()[1:]) or "someone"
-        return _make("cancelled", f"cancelled by {who}", detail=raw)
+        who = view.cancelled_by or " ".join((view.slurm_state or "").split()[1:])
+        if who and not who.startswith("by "):
+            who = f"by {who}"
+        # Without Slurm's "by <uid>", the backend's own words, not a guess of who.
+        summary = f"cancelled {who}" if who else (view.error or "cancelled")
+        return _make("cancelled", summary, detail=raw)
     if view.oom_killed:
         return _make(
             "host_oom",

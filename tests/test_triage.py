@@ -157,7 +157,13 @@ def test_slurms_own_verdict_comes_first(state: str, kind: str) -> None:
     cause = diagnose([RankEnd(0, -15, "node1", 1.0, "")], BackendView(slurm_state=state))
     assert cause.kind == kind
     if kind == "cancelled":
-        assert "1000" in cause.summary
+        assert cause.summary == "cancelled by 1000"
+
+
+def test_a_cancel_with_no_word_of_who_says_what_the_backend_said() -> None:
+    view = BackendView(slurm_state="CANCELLED", error="cancelled (scancel or preemption)")
+    cause = diagnose([RankEnd(0, -15, "node1", 1.0, "")], view)
+    assert (cause.kind, cause.summary) == ("cancelled", "cancelled (scancel or preemption)")
 
 
 def test_docker_oom_killed_is_host_oom() -> None:

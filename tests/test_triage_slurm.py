@@ -107,3 +107,5 @@ def test_scancel_by_the_user_is_cancelled(tmp_path, runs_dir):
     assert cause["kind"] == "cancelled", cause
     if record.get("slurm_reason"):  # kept by status.apply_state: who cancelled
         assert cause["summary"] == f"cancelled {record['slurm_reason']}", cause
+    else:  # until it is: the backend's own words, never a guessed "someone"
+        assert cause["summary"] == record["error"], cause
