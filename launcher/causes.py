@@ -27,6 +27,8 @@ _NEVER_STARTED = re.compile(
     r"pull access denied|image .* not found|invalid reference format",
     re.IGNORECASE,
 )
+# The local/Docker supervisor's words when it stopped the ranks at resources.time_min.
+_LOCAL_TIME_LIMIT = re.compile(r"time limit of [\d.]+ (?:min|s) reached \(resources\.time_min\)")
 TAIL_BYTES = 16 * 1024
 MAX_RANK_LOGS = 256  # a 4,096-rank job: read the logs of the ranks that failed, not all
 
@@ -115,6 +117,9 @@ def backend_view(record: runs.RunRecord) -> BackendView:
     never = error if state == "FAILED" and _NEVER_STARTED.search(error) else None
     oom = bool(record.get("oom_kills")) or error.startswith("killed: out of memory")
     stopped_for, stop_reason = _last_stop(record)
+    if state == "FAILED" and _LOCAL_TIME_LIMIT.match(error):
+        # local/Docker supervisor: it stopped every rank at resources.time_min.
+        stopped_for, stop_reason = "time_limit", error.split(";")[0]
     return BackendView(
         stopped_for=stopped_for,
         stop_reason=stop_reason,
@@ -139,7 +144,7 @@ def _last_stop(record: runs.RunRecord) -> tuple[str | None, str | None]:
     if reason == "preempted":
         return "preempted", None
     if last.get("requeued") is False and not last.get("asked_by_ranks"):
-        return "time_limit", reason
+        return "time_limit", f"{reason}: not requeued" if reason else "not requeued"
     return None, None
 
 

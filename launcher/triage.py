@@ -361,7 +361,7 @@ def diagnose(ends: list[RankEnd], view: BackendView | None = None) -> Cause:
             **where,
         )
     if view.stopped_for == "time_limit" and state not in _SLURM_VERDICTS:
-        summary = "stopped at the time limit to save, not requeued" + because
+        summary = "stopped at the time limit to save" + because
         if view.time_limit_min:
             summary = summary.replace("time limit", f"time limit ({view.time_limit_min:g} min)")
         # Every rank was stopped on purpose: none of them is the cause.

@@ -209,7 +209,8 @@ def test_the_launchers_stop_at_the_time_limit_with_no_requeue_is_time_limit() ->
         "attempts": [_attempt(requeued=False, reason="slurm.max_requeue=0 reached")],
     }
     view = backend_view(record)  # type: ignore[arg-type]
-    assert (view.stopped_for, view.stop_reason) == ("time_limit", "slurm.max_requeue=0 reached")
+    assert view.stopped_for == "time_limit"
+    assert view.stop_reason == "slurm.max_requeue=0 reached: not requeued"
     cause = diagnose([RankEnd(0, -15, "node1", 30.0, "", stopped_by_launcher=True)], view)
     assert cause.kind == "time_limit" and "not requeued" in cause.summary
     assert cause.rank is None  # every rank was stopped on purpose
@@ -262,3 +263,14 @@ def test_a_slurm_rank_whose_wrapper_got_a_stop_is_a_consequence(tmp_path) -> Non
         "node2",
         (0,),
     )
+
+
+def test_the_local_supervisors_time_limit_is_time_limit() -> None:
+    error = (
+        "time limit of 1 min reached (resources.time_min); every rank got SIGTERM and 2 s to "
+        "save, then was stopped"
+    )
+    view = backend_view({"state": "FAILED", "error": error})  # type: ignore[arg-type]
+    cause = diagnose([RankEnd(0, -15, None, 60.0, "", stopped_by_launcher=True)], view)
+    assert cause.kind == "time_limit", cause
+    assert "time limit of 1 min reached" in cause.summary

@@ -32,9 +32,13 @@ FAIL_ON_RANK_1 = """
 """
 
 
-def run_job(tmp_path: Path, body: str, *, procs: int = 2, extra: str = "") -> tuple[Path, dict]:
+def run_job(
+    tmp_path: Path, body: str, *, procs: int = 2, extra: str = "", time_min: int | None = None
+) -> tuple[Path, dict]:
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(body))
+    # Indented as the line above it before dedent.
+    limit = f"\n{' ' * 14}time_min: {time_min}" if time_min is not None else ""
     cfg = tmp_path / "job.yaml"
     cfg.write_text(
         textwrap.dedent(
@@ -44,7 +48,7 @@ def run_job(tmp_path: Path, body: str, *, procs: int = 2, extra: str = "") -> tu
             entrypoint:
               script: {script}
             resources:
-              procs_per_node: {procs}
+              procs_per_node: {procs}{limit}
             local:
               stop_grace_s: 2
             """
@@ -201,3 +205,16 @@ def test_sweep_status_shows_each_failed_points_cause_and_a_count_by_cause(tmp_pa
     assert "failed points by cause: python_exception 2, module_not_found 1" in status.stdout
     assert "[python_exception] ValueError: learning rate too high" in status.stdout
     assert "[module_not_found] No module named 'module_that_is_not_installed'" in status.stdout
+
+
+def test_the_time_limit_is_time_limit_not_the_ranks_it_stopped(tmp_path):
+    body = """
+        import time
+        time.sleep(300)
+    """
+    # 1 min: the smallest limit resources.time_min takes.
+    _, record = run_job(tmp_path, body, procs=1, time_min=1)
+    cause = record["cause"]
+    assert record["error"].startswith("time limit of 1 min reached"), record["error"]
+    assert cause["kind"] == "time_limit", cause
+    assert cause["rank"] is None and "resources.time_min" in cause["hint"]
