@@ -109,3 +109,26 @@ def test_scancel_by_the_user_is_cancelled(tmp_path, runs_dir):
         assert cause["summary"] == f"cancelled {record['slurm_reason']}", cause
     else:  # until it is: the backend's own words, never a guessed "someone"
         assert cause["summary"] == record["error"], cause
+
+
+def test_preempted_with_no_requeue_left_is_preempted(tmp_path, runs_dir):
+    # Exclusive on its node, preempted by a 1-CPU job in `high` on that node only: no other
+    # job on the cluster is touched.
+    run_dir = _submit(tmp_path, runs_dir, SLEEPER, slurm={"exclusive": True})
+    wait_file("started", tmp_path / "work", timeout=600)
+    job_id = runs.read_record(run_dir)["backend_info"]["job_id"]
+    node = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    assert node, f"job {job_id} is not running"
+    subprocess.run(
+        ["sbatch", "-p", "high", "-w", node, "-n1", "-o", "/dev/null", "--wrap", "sleep 2"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=300)
+    assert record["state"] in ("CANCELLED", "FAILED"), record
+    cause = _cause(run_dir, record)
+    assert cause["kind"] == "preempted", (cause, record.get("error"), record.get("attempts"))
+    assert "slurm.max_requeue" in cause["hint"]
