@@ -354,3 +354,34 @@ def test_rank_that_dies_before_the_script_starts_is_named_with_its_log_tail(tmp_
     status = launcher_cmd("status", run_dir.name, f"--runs-dir={runs_dir}")
     assert f"--- last lines of rank {record['failed_rank']}" in status.stdout, status.stdout
     assert "No module named 'launcher'" in status.stdout
+
+
+def test_preemption_in_the_last_allowed_attempt_does_not_requeue(tmp_path, runs_dir):
+    """slurm.max_requeue holds for Slurm's own requeues too: the last attempt is made
+    non-requeueable, so a preemption ends it instead of starting attempt max_requeue + 2."""
+    cfg = _config(
+        tmp_path,
+        entrypoint={
+            "script": "examples/plain_train.py",
+            "args": ["--steps", "400", "--step-s", "0.25"],
+        },
+        resources={"procs_per_node": 2},
+        slurm={"exclusive": True, "max_requeue": 0},
+    )
+    run_dir = _submit(cfg, runs_dir)
+    wait_file("progress.jsonl", run_dir, timeout=300)
+    job_id = runs.read_record(run_dir)["backend_info"]["job_id"]
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+    ).stdout
+    assert " Requeue=0 " in f" {shown} ", shown
+    node = dict(f.partition("=")[::2] for f in shown.split())["NodeList"]
+    subprocess.run(
+        ["sbatch", "-p", "high", "-w", node, "-N1", "-n1", "-o", "/dev/null", "--wrap", "sleep 1"],
+        check=True,
+        capture_output=True,
+    )
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=240)
+    assert record["state"] in ("CANCELLED", "FAILED"), record
+    assert len(record["attempts"]) == 1 and record["attempts"][0]["reason"] == "preempted"
+    assert "preempted in attempt 1, the last one slurm.max_requeue allows" in record["error"]

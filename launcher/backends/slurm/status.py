@@ -162,6 +162,11 @@ def query_states(
     except BackendError:
         queue = ""  # squeue refuses ids it no longer knows; sacct has them
     merge_squeue(states, queue)
+    queued = {t for line in queue.splitlines() for t in expand_array_id(line.partition("|")[0])}
+    for job, info in states.items():
+        if info["state"].rstrip("+") == "PREEMPTED" and job not in queued:
+            # Not requeued (not requeueable, or its last allowed attempt): it is over.
+            info["final"] = "yes"
     return states
 
 
@@ -238,6 +243,8 @@ def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> 
     rank, or the ranks that never started."""
     slurm_state = info["state"].rstrip("+")
     state = launcher_state(slurm_state)
+    if slurm_state == "PREEMPTED" and info.get("final"):
+        state = "CANCELLED"
     attempts = _attempts(run_dir)
     changes: dict[str, Any] = {"attempts": attempts, "slurm_state": slurm_state}
     ended = record.get("ended_at") or runs.now()
@@ -251,10 +258,11 @@ def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> 
         default = "cancelled (scancel or preemption without requeue)"
         if record.get("cancel_requested_at"):
             default = "cancelled by launcher cancel"
-        elif attempts and attempts[-1].get("reason") == "preempted":
+        elif slurm_state == "PREEMPTED" or (attempts and attempts[-1].get("reason") == "preempted"):
+            number = attempts[-1]["attempt"] if attempts else 1
             default = (
-                f"preempted in attempt {attempts[-1]['attempt']}, the last one "
-                "slurm.max_requeue allows: not requeued"
+                f"preempted in attempt {number}, the last one slurm.max_requeue allows: "
+                "not requeued"
             )
         changes.update(state="CANCELLED", ended_at=ended, error=record.get("error") or default)
     elif state in ("COMPLETED", "FAILED"):
