@@ -121,13 +121,19 @@ def test_preempted_with_no_requeue_left_is_preempted(tmp_path, runs_dir):
         ["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True, timeout=30
     ).stdout.strip()
     assert node, f"job {job_id} is not running"
-    subprocess.run(
-        ["sbatch", "-p", "high", "-w", node, "-n1", "-o", "/dev/null", "--wrap", "sleep 2"],
+    high = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-w", node, "-n1", "-o", "/dev/null"]
+        + ["--wrap", "sleep 2"],
         check=True,
         capture_output=True,
+        text=True,
         timeout=30,
-    )
-    record = wait_state(run_dir, runs.FINAL_STATES, timeout=300)
+    ).stdout.strip()
+    try:
+        record = wait_state(run_dir, runs.FINAL_STATES, timeout=300)
+    finally:
+        # Never left pending: it would preempt whatever runs on that node next.
+        subprocess.run(["scancel", high.split(";")[0]], capture_output=True, timeout=30)
     assert record["state"] in ("CANCELLED", "FAILED"), record
     cause = _cause(run_dir, record)
     assert cause["kind"] == "preempted", (cause, record.get("error"), record.get("attempts"))
