@@ -369,7 +369,7 @@ def test_preemption_in_the_last_allowed_attempt_does_not_requeue(tmp_path, runs_
         slurm={"exclusive": True, "max_requeue": 0},
     )
     run_dir = _submit(cfg, runs_dir)
-    wait_file("progress.jsonl", run_dir, timeout=300)
+    wait_file("progress.jsonl", run_dir, timeout=900)  # behind other jobs: a whole node
     job_id = runs.read_record(run_dir)["backend_info"]["job_id"]
     shown = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
