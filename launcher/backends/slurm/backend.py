@@ -17,6 +17,7 @@ timeout (`status.run_slurm_command`, and `timeout` around submitit's sbatch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import subprocess
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import config, runs
 from launcher.backends.base import ArrayBackend, Plan, SlurmPayload
+from launcher.backends.slurm import container
 from launcher.backends.slurm.array import ARRAYS
 from launcher.backends.slurm.sbatch import (
     check,
@@ -117,7 +119,23 @@ class SlurmBackend:
         self, plan: Plan[SlurmPayload], *, foreground: bool = False, echo: bool = True
     ) -> int:
         # The job runs in the queue: nothing to echo here; `launcher logs -f` follows it.
+        if plan.spec.slurm.container:
+            # Before anything is written: a runtime that cannot apply is one line, no run.
+            container.check_runtime(plan.spec, config_file=plan.config_file)
         prepare_run_dir(plan)
+        if plan.spec.slurm.container and plan.payload.step is not None:
+            try:
+                container.prepare_image(plan.spec)  # once per tag, into the shared cache
+            except LauncherError as exc:
+                runs.update_record(
+                    plan.run_dir, state="FAILED", ended_at=runs.now(), error=str(exc)
+                )
+                raise
+            rendered = container.render(plan.spec, plan.run_dir, plan.payload.env)
+            container.write_run_files(rendered, plan.run_dir)
+            # Rendered again now that the image's own environment and python are known.
+            step = step_argv(plan.spec, plan.run_dir)
+            plan = dataclasses.replace(plan, payload=dataclasses.replace(plan.payload, step=step))
         try:
             executor = _executor(
                 Path(plan.payload.folder), plan.spec, plan.payload.params, self.sbatch_timeout_s

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher.backends.base import SlurmPayload
+from launcher.backends.slurm import container
 from launcher.entrypoint import entry_argv, job_env, stop_grace_s, stop_signal
 from launcher.errors import ConfigError
-from launcher.image import image_for
 from launcher.spec import JobSpec
 
 USR_SIG = "USR2"
@@ -195,21 +195,6 @@ def executor_params(spec: JobSpec) -> dict[str, Any]:
     return params
 
 
-def container_args(spec: JobSpec, run_dir: Path) -> list[str]:
-    """pyxis flags for srun: image, mounts (run dir and workdir always), workdir."""
-    c = spec.slurm.container
-    if c is None:
-        return []
-    workdir = spec.workdir or "/"
-    mounts = [*c.mounts, f"{run_dir}:{run_dir}", f"{workdir}:{workdir}"]
-    image = c.image or image_for(spec)
-    return [
-        f"--container-image={image}",
-        f"--container-mounts={','.join(mounts)}",
-        f"--container-workdir={c.workdir or workdir}",
-    ]
-
-
 def grace_s(spec: JobSpec) -> float:
     """Seconds the ranks get to save before the time limit: entrypoint.stop_grace_s, else
     slurm.signal_delay_s - 10 (at least 10)."""
@@ -231,21 +216,27 @@ def rank_wrapper(spec: JobSpec) -> list[str]:
 
 
 def step_argv(spec: JobSpec, run_dir: Path) -> list[str]:
-    """The srun command the batch shell runs: every rank, one log file per rank."""
-    python = spec.slurm.container.python if spec.slurm.container else None
-    inner = entry_argv(spec, python)
+    """The srun command the batch shell runs: every rank, one log file per rank; with
+    slurm.container, the runtime's flags and the rank command inside the image."""
     log = str(run_dir / "logs" / "rank%t.log")
+    if spec.slurm.container:
+        rendered = container.render(spec, run_dir, task_env(spec, run_dir))
+        flags = rendered.srun_flags
+        command = container.step_command(
+            rendered, entry_argv(spec, rendered.python), rank_wrapper(spec)
+        )
+    else:
+        flags = [f"--chdir={spec.workdir}"]
+        command = [*rank_wrapper(spec), *entry_argv(spec, None)]
     return [
         "srun",
         "--unbuffered",
         f"--output={log}",
         "--kill-on-bad-exit=1",
         "--open-mode=append",
-        *([] if spec.slurm.container else [f"--chdir={spec.workdir}"]),
-        *container_args(spec, run_dir),
+        *flags,
         *spec.slurm.srun_args,
-        *rank_wrapper(spec),
-        *inner,
+        *command,
     ]
 
 
@@ -484,6 +475,7 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         "# ---- sbatch script ----",
         payload.script.rstrip("\n"),
         "# ---- end of sbatch script ----",
+        *([f"# {container.describe(spec)}"] if spec.slurm.container else []),
         "# the pickled task runs with this environment:",
         *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
     ]
