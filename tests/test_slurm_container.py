@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -497,3 +498,52 @@ def test_pyxis_takes_a_registry_image_as_it_is(tmp_path):
     assert "--container-image=registry.example.com/team/train:abc" in r.srun_flags
     assert "not converted here" in C.describe(spec, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.docker
+@pytest.mark.xdist_group("slurm")
+def test_launcher_run_puts_every_rank_of_a_two_node_job_in_the_image(
+    oci_cluster, project_image, oci_cache, tmp_path
+):
+    """The whole path through `launcher run`: converted at submit, one log per rank on the
+    host, both ranks inside the image, identical parameters."""
+    runs_dir = tmp_path / "runs"
+    argv = [
+        sys.executable,
+        "-m",
+        "launcher",
+        "run",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "name=oci-run",
+        "backend=slurm",
+        f"runs_dir={runs_dir}",
+        f"workdir={ROOT}",
+        "resources.nodes=2",
+        "resources.procs_per_node=1",
+        "slurm.container.runtime=oci",
+        f"slurm.container.image={project_image.tag}",
+        f"slurm.container.cache_dir={oci_cache}",
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run_dir,) = list((runs_dir / "oci-run").iterdir())
+    deadline = time.monotonic() + 240
+    state = None
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [sys.executable, "-m", "launcher", "status", str(run_dir), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        state = json.loads(status.stdout)[0]["state"]
+        if state in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(3)
+    assert state == "COMPLETED", (run_dir / "logs").iterdir()
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"launcher: rank {rank} on node{rank + 1}: inside the image" in log, log
+    params = [json.loads((run_dir / f"params-rank{r}.json").read_text()) for r in (0, 1)]
+    assert params[0]["sha256"] == params[1]["sha256"]
