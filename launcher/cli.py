@@ -409,10 +409,10 @@ def cmd_hw(args: argparse.Namespace) -> int:
             from launcher.errors import ConfigError
 
             raise ConfigError("launcher hw --measure needs a CONFIG whose dataset to measure")
-        from launcher.runtime import autotune
+        from launcher.runtime import measure
 
-        report = autotune.measure_config(args.config, args.overrides, procs)
-        print(json.dumps(report, indent=2) if args.json else autotune.format_measure(report))
+        report = measure.measure_config(args.config, args.overrides, procs)
+        print(json.dumps(report, indent=2) if args.json else measure.format_measure(report))
         return 0
     if args.config:
         from launcher import config

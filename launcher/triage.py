@@ -279,7 +279,8 @@ def classify_rank(end: RankEnd) -> _Finding | None:
         return _Finding("stopped", f"stopped by the launcher ({what})", {}, consequence=True)
     if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
         return _Finding("killed", f"{what} from outside", {"signal": _signal_name(sig)})
-    return None
+    # It failed on its own, for a reason no rule knows: still the first failure, shown as is.
+    return _Finding("unknown", f"rank {end.rank}: {what}", {})
 
 
 def _consequence(finding: _Finding | None) -> bool:
