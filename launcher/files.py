@@ -62,3 +62,16 @@ def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False)
     except BaseException:
         os.close(fd)
         raise
+
+
+def human_size(count: float) -> str:
+    """A byte count for people: '512 bytes', '1016.0 KiB', '1.2 GiB' (one formatter for the
+    build summary, data fetches and reports, checkpoints)."""
+    if count < 1024:
+        return f"{count:.0f} bytes"
+    value, unit = count / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from launcher.errors import BackendError, ConfigError, LauncherError
+from launcher.files import human_size
 from launcher.spec import ImageSpec, JobSpec
 
 if TYPE_CHECKING:
@@ -740,10 +741,6 @@ def _tag_stages(
     return tuple(tags)
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
 def run_build_command(spec: ImageSpec, root: Path, *, no_cache: bool, push: bool) -> int:
     """`launcher build`: build, print one summary line (or the error), return the exit code."""
     from rich.console import Console
@@ -758,9 +755,11 @@ def run_build_command(spec: ImageSpec, root: Path, *, no_cache: bool, push: bool
         return exc.exit_code
     if result.built:
         reused = f", {len(result.cached_steps)}/{result.total_steps} steps from cache"
-        line = f"built {result.tag} in {result.seconds:.1f}s ({_size(result.size_bytes)}{reused})"
+        line = (
+            f"built {result.tag} in {result.seconds:.1f}s ({human_size(result.size_bytes)}{reused})"
+        )
     else:
-        line = f"{result.tag} is up to date ({_size(result.size_bytes)})"
+        line = f"{result.tag} is up to date ({human_size(result.size_bytes)})"
     if result.pushed:
         line += f"; pushed {result.pushed}"
     console.print(line, highlight=False, markup=False)

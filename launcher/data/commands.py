@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import DataError
+from launcher.files import human_size
 from launcher.spec import DataSpec
 
 
@@ -15,12 +16,6 @@ def _consoles() -> tuple[Any, Any]:
     from rich.console import Console
 
     return Console(highlight=False), Console(stderr=True, highlight=False)
-
-
-def _human(n: float) -> str:
-    from launcher.data.fetch import _human as human
-
-    return human(n)
 
 
 def _fail(err: Any, exc: DataError) -> int:
@@ -41,7 +36,9 @@ def run_fetch_command(data: DataSpec, *, base_dir: Path | None = None) -> int:
     except DataError as exc:
         return _fail(err, exc)
     for r in results:
-        out.print(f"{r.name}\t{r.status}\t{_human(r.size)}\t{r.path}", markup=False, soft_wrap=True)
+        out.print(
+            f"{r.name}\t{r.status}\t{human_size(r.size)}\t{r.path}", markup=False, soft_wrap=True
+        )
     return 0
 
 
@@ -103,7 +100,7 @@ def run_verify_command(
         out.print(f"BAD {path}: {'; '.join(problems)}", markup=False, soft_wrap=True)
     rate = f"{report.files_per_s:,.0f} files/s" if report.seconds > 0 else "-"
     summary = (
-        f"{report.files:,} files ({_human(report.bytes)}) checked in {report.seconds:.2f} s "
+        f"{report.files:,} files ({human_size(report.bytes)}) checked in {report.seconds:.2f} s "
         f"({rate}, {report.jobs} process{'es' if report.jobs > 1 else ''}): "
         f"{len(report.bad):,} bad"
     )

@@ -37,7 +37,7 @@ from launcher.data.paths import (
     url_filename,
 )
 from launcher.errors import DataError
-from launcher.files import file_kind, open_regular
+from launcher.files import file_kind, human_size, open_regular
 from launcher.runs import atomic_write_json, fsync_dir
 from launcher.spec import DataSourceSpec, DataSpec
 
@@ -285,7 +285,7 @@ def _fetch_one(
             shutil.rmtree(staging, ignore_errors=True)
     size = _size(result)
     seconds = time.monotonic() - start
-    rep.note(f"{src.name}: fetched {_human(size)} in {seconds:.1f} s -> {result}")
+    rep.note(f"{src.name}: fetched {human_size(size)} in {seconds:.1f} s -> {result}")
     return FetchResult(src.name, result, "fetched", size, seconds)
 
 
@@ -442,14 +442,6 @@ def _size(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(folder, name)).st_size
     return total
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 # --- checksums ----------------------------------------------------------------------------

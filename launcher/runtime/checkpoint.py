@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from launcher.errors import CheckpointError
+from launcher.files import human_size
 from launcher.runs import atomic_write
 
 PATTERN = re.compile(r"step-(\d+)\.pt")
@@ -79,7 +80,7 @@ def save(folder: Path, step: int, state: dict[str, Any], *, keep_last: int) -> P
             raise
         raise CheckpointError(
             f"checkpoint not written: {NO_ROOM[code]} at {final} "
-            f"({_size(shutil.disk_usage(folder).free)} free); {_kept(folder)}"
+            f"({human_size(shutil.disk_usage(folder).free)} free); {_kept(folder)}"
         ) from exc
     prune(folder, keep_last)
     return final
@@ -96,17 +97,6 @@ def _no_room_errno(exc: BaseException) -> int | None:
             return current.errno
         current = current.__cause__ or current.__context__
     return None
-
-
-def _size(count: int) -> str:
-    if count < 1024:
-        return f"{count} bytes"
-    value, unit = count / 1024, "KiB"
-    for bigger in ("MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{value:.1f} {unit}"
 
 
 def _kept(folder: Path) -> str:

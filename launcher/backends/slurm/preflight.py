@@ -716,7 +716,7 @@ def _array_checks(
 ) -> list[Check]:
     """The sweep is chunked into arrays of at most MaxArraySize tasks, and the controller can
     hold all of its tasks (MaxJobCount: sbatch waits when the queue is full)."""
-    max_array = _limit(_config_value(answer, "MaxArraySize")) or 1001
+    max_array = _limit(_config_value(answer, "MaxArraySize")) or DEFAULT_MAX_ARRAY_SIZE
     max_jobs = _limit(_config_value(answer, "MaxJobCount"))
     checks: list[Check] = []
     given = spec.slurm.max_array_size
