@@ -220,6 +220,12 @@ class SlurmBackend:
     def needs_hardware(self) -> bool:
         return False
 
+    def preflight(self, plan: Plan[SlurmPayload], *, points: int = 1) -> list[Any]:
+        """sinfo + sbatch --test-only of the real script (+ accounts, sweep limits)."""
+        from launcher.backends.slurm.preflight import preflight
+
+        return preflight(plan, points=points)
+
 
 def prepare_run_dir(plan: Plan[SlurmPayload]) -> None:
     run_dir = plan.run_dir
