@@ -152,7 +152,10 @@ def test_preempted_trainer_resumes_from_its_checkpoint(tmp_path, runs_dir):
     resumed = [e for e in events if e.get("event") == "resume"]
     assert resumed and resumed[0]["step"] > 0, "requeued, it must resume from its checkpoint"
     assert [e for e in events if e.get("event") == "end"][-1]["step"] == STEPS
-    assert len(record["attempts"]) >= 2 and record["attempts"][0]["requeued"] is True
+    # At preemption Slurm requeues the job itself (once); the host does not requeue again.
+    first = record["attempts"][0]
+    assert len(record["attempts"]) >= 2
+    assert first.get("requeued") is True or first.get("by") == "slurm", first
 
 
 def test_time_limit_requeues_until_done(tmp_path, runs_dir):
