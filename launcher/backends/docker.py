@@ -38,6 +38,7 @@ from launcher.backends.local.supervisor import (
     points_at_once,
     prepare_run_dir,
     process_table,
+    rank_logs,
     require_one_node,
     stop_lines,
     stop_settings,
@@ -333,8 +334,7 @@ class DockerBackend:
         _end(run_dir, "CANCELLED", note)
 
     def log_files(self, run_dir: Path) -> dict[int, Path]:
-        world = int(runs.read_record(run_dir).get("world_size") or 0)
-        return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+        return rank_logs(run_dir)
 
     def default_parallelism(self, spec: JobSpec) -> int | None:
         return points_at_once(spec)

@@ -36,6 +36,7 @@ from launcher.backends.local.supervisor import (
     points_at_once,
     prepare_run_dir,
     process_table,
+    rank_logs,
     require_one_node,
     run_marker,
     stop_lines,
@@ -175,9 +176,7 @@ class LocalBackend:
         _cancel_without_supervisor(run_dir, _record(run_dir), reason)
 
     def log_files(self, run_dir: Path) -> dict[int, Path]:
-        """Every rank's log path, also before the rank has written anything."""
-        world = int(runs.read_record(run_dir).get("world_size") or 0)
-        return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+        return rank_logs(run_dir)
 
     def default_parallelism(self, spec: JobSpec) -> int | None:
         return points_at_once(spec)

@@ -123,6 +123,12 @@ def run_marker(payload: dict[str, Any], run_dir: Path) -> str:
     return f"LAUNCHER_RUN_DIR={procs[0].get('env', {}).get('LAUNCHER_RUN_DIR', run_dir)}"
 
 
+def rank_logs(run_dir: Path) -> dict[int, Path]:
+    """Every rank's log path (local and Docker alike), also before the rank has written."""
+    world = int(runs.read_record(run_dir).get("world_size") or 0)
+    return {rank: run_dir / "logs" / f"rank{rank}.log" for rank in range(world)}
+
+
 def points_at_once(spec: JobSpec) -> int:
     """Sweep points to run at once on this machine: as many as its CPUs hold, at the
     point's processes each (the local and Docker backends' default parallelism)."""
