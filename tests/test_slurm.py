@@ -257,7 +257,11 @@ def test_cancel_of_a_finished_run_says_so_and_keeps_it_completed(tmp_path, runs_
 
 def test_refused_submission_ends_failed_with_the_reason(tmp_path, runs_dir):
     cfg = _config(tmp_path, entrypoint={"script": "tests/jobs/env_dump.py"})
-    out = launcher_cmd("run", str(cfg), f"runs_dir={runs_dir}", "slurm.partition=nosuch")
+    # Past the preflight (which refuses this partition before anything is written): the
+    # partition sbatch itself refuses, as when it went away between the check and the submit.
+    out = launcher_cmd(
+        "run", "--no-preflight", str(cfg), f"runs_dir={runs_dir}", "slurm.partition=nosuch"
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr, out
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("launcher: error: sbatch refused the job: ") and "partition" in last
