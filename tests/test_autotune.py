@@ -260,6 +260,23 @@ def test_result_is_reused_and_measured_again_when_the_key_changes(cache: Path) -
     assert len(json.loads(cache.read_text())) == 1
 
 
+def test_short_epochs_cap_the_slots_and_too_short_ones_keep_the_rule(cache: Path) -> None:
+    # A loader fast enough that the probe asks for windows of hundreds of batches, over
+    # epochs of 40: every slot fits in one epoch, so the race ends (it once waited forever
+    # for a slot longer than an epoch).
+    hw = Hardware(cpus=2, cpus_source="t", mem_bytes=16 * GIB, shm_bytes=8 * GIB, gpus=0)
+    tuner = _tuned(ManyTensors(16 * 40), 16, hw, cache)
+    result = _drive(tuner)
+    assert result.source == "measured", result.why
+    assert tuner.epoch_batches == 40 and all(tuner.slot_length(r) <= 40 for r in range(4))
+    assert all(row["batches"] < 40 * row["slots"] for row in result.table), result.table
+    # Epochs of 10 batches leave nothing to time after the warm-up: the rule's pick, at once.
+    short = _tuned(ManyTensors(16 * 10), 16, hw, cache)
+    kept = _drive(short)
+    assert kept.source == "rule" and "too short" in kept.why and kept.num_workers == 4
+    assert kept.batches == 0 and all(row["slots"] == 0 for row in kept.table)
+
+
 def test_trainer_reuses_a_remembered_result_across_runs(tmp_path: Path, cache: Path) -> None:
     spec = spec_of(dataset="tests.test_autotune:build_many", global_batch_size=16, steps=120)
     train(spec, tmp_path / "a")

@@ -449,6 +449,9 @@ class LoaderTuner:
         self._last_batch: Any = None
         self._pin_figures: dict[str, Any] | None = None
         self.window0: int | None = None  # round 0's timed batches, sized by the probe
+        # Usable batches in a whole epoch (the same on every rank): no slot is longer, since a
+        # slot never spans two epochs (None until the first epoch starts).
+        self.epoch_batches: int | None = None
         self._setup(own, cached, picks.measure_pin and uses_gpu)
         if self.done:
             self._settle()
@@ -508,7 +511,14 @@ class LoaderTuner:
         """Batches per slot in this round: the same on every rank of every node."""
         window = max((self.window0 or FIRST_WINDOW) * 2**round_, 2 * self.max_workers)
         length = _warmup(self.max_workers) + window
-        return length + (-length) % self.accum
+        length += (-length) % self.accum
+        if self.epoch_batches is not None and length > self.epoch_batches:
+            length = self.epoch_batches - self.epoch_batches % self.accum
+        return length
+
+    def _fits(self, length: int) -> bool:
+        """A slot of `length` leaves at least FIRST_WINDOW timed batches after its warm-up."""
+        return length - _warmup(self.max_workers) >= FIRST_WINDOW
 
     def _after_probe(self, measured: int, seconds: float) -> None:
         """Size round 0's window from the probe: MIN_WINDOW_S on the fastest node, and the
@@ -635,7 +645,15 @@ class LoaderTuner:
         b = self.batch_size
         available = len(indices) // b if self.drop_last else math.ceil(len(indices) / b)
         usable = available - available % self.accum
+        if self.epoch_batches is None:
+            # The whole epoch, also when a resume starts it part-way (the same on every rank).
+            whole = start + len(indices)
+            full = whole // b if self.drop_last else math.ceil(whole / b)
+            self.epoch_batches = full - full % self.accum
         pos = 0
+        if not self.races_done and not self._fits(self.slot_length(self.round_or_zero)):
+            for race in self.races:
+                race.stop(f"epochs of {self.epoch_batches} batches are too short to time a slot")
         while not self.races_done and self.window0 is None:
             # A probe with the leader (the rule's pick): how long a batch takes here.
             length = _warmup(self.max_workers) + FIRST_WINDOW
@@ -683,6 +701,10 @@ class LoaderTuner:
         """The round in progress: the same on every node (rounds end together)."""
         return max(r.round for r in self.races if r.decided is None)
 
+    @property
+    def round_or_zero(self) -> int:
+        return self.round if not self.races_done else 0
+
     def _run(self, workers: int, indices: Sequence[int]) -> Generator[Any, None, float]:
         """Yield one slot's batches; return the seconds after its warm-up batches."""
         if not indices:
@@ -708,7 +730,13 @@ class LoaderTuner:
     def _stop_if_no_room(self) -> None:
         """At a round's start: no round that does not fit in the job's remaining batches."""
         pending = [r for r in self.races if r.decided is None]
-        if self.batches_left is None or any(len(r.queue) < len(r.survivors) for r in pending):
+        if any(len(r.queue) < len(r.survivors) for r in pending):
+            return
+        if not self._fits(self.slot_length(self.round)):
+            for race in pending:
+                race.stop(f"epochs of {self.epoch_batches} batches are too short for another round")
+            return
+        if self.batches_left is None:
             return
         slots = max(len(r.queue) for r in pending)
         if self._batches + slots * self.slot_length(self.round) > self.batches_left:
