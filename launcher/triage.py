@@ -6,7 +6,8 @@ imports nothing heavy, so `launcher status` can call it and the record can keep 
 
 The rules, in order:
 1. The backend's own verdict where it has one (never started, cancelled, time limit, node
-   failure, out of memory, preempted with no requeue left).
+   failure, out of memory (also slurmstepd's oom-kill line in a rank log), preempted with no
+   requeue left).
 2. Otherwise the ranks: a rank that the launcher (or srun's kill-on-bad-exit) stopped, or
    whose collective broke because a peer was gone, is a *consequence*; the cause is taken from
    the first rank that failed on its own, by end time.
@@ -92,6 +93,10 @@ _PEER_GONE = re.compile(
     r"Connection closed by peer|Connection reset by peer|remote worker crashing|"
     r"NCCL communicator was aborted|ProcessGroupNCCL is aborted|Broken pipe"
 )
+# slurmstepd's words when the job's memory cgroup (task/cgroup, ConstrainRAMSpace) killed a
+# process of the step. It lands in a rank log of the node (the step's first task there), not
+# always the victim's, so it is a verdict on the run, not one rank's finding.
+_STEP_OOM = re.compile(r"Detected \d+ oom-kill event\(s\) in StepId=\d+(?:_\d+)?(?:\.\w+)?")
 _NO_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 _NO_FILE = re.compile(r"FileNotFoundError: \[Errno 2\] No such file or directory: '([^']+)'")
 _NO_SCRIPT = re.compile(r"can't open file '([^']+)': \[Errno 2\]")
@@ -353,10 +358,16 @@ def diagnose(ends: list[RankEnd], view: BackendView | None = None) -> Cause:
         # Without Slurm's "by <uid>", the backend's own words, not a guess of who.
         summary = f"cancelled {who}" if who else (view.error or "cancelled")
         return _make("cancelled", summary, detail=raw)
-    if view.oom_killed:
+    step_oom = next((m for e in ends if (m := _STEP_OOM.search(e.log_tail))), None)
+    if view.oom_killed or step_oom:
+        summary = "killed by the kernel's OOM killer (the memory limit was reached)"
+        if step_oom and not view.oom_killed:
+            summary = (
+                f"killed by the OOM killer of the job's memory cgroup (slurmstepd: {step_oom[0]})"
+            )
         return _make(
             "host_oom",
-            "killed by the kernel's OOM killer (the memory limit was reached)",
+            summary,
             consequences=consequences,
             detail=raw,
             **where,

@@ -220,7 +220,7 @@ def test_a_rank_asking_to_requeue_or_slurms_term_is_not_a_time_limit() -> None:
     asked = _attempt(requeued=False, reason="slurm.max_requeue=0 reached", asked_by_ranks=[0])
     term = _attempt(requeued=None, by="slurm", reason="ended by Slurm (TERM)")
     for attempt in (asked, term):
-        view = backend_view({"state": "FAILED", "attempts": [attempt]})  # type: ignore[arg-type]
+        view = backend_view({"state": "FAILED", "attempts": [attempt]})  # type: ignore[typeddict-item]
         assert view.stopped_for is None, attempt
 
 
@@ -270,7 +270,52 @@ def test_the_local_supervisors_time_limit_is_time_limit() -> None:
         "time limit of 1 min reached (resources.time_min); every rank got SIGTERM and 2 s to "
         "save, then was stopped"
     )
-    view = backend_view({"state": "FAILED", "error": error})  # type: ignore[arg-type]
+    view = backend_view({"state": "FAILED", "error": error})  # type: ignore[typeddict-item]
     cause = diagnose([RankEnd(0, -15, None, 60.0, "", stopped_by_launcher=True)], view)
     assert cause.kind == "time_limit", cause
     assert "time limit of 1 min reached" in cause.summary
+
+
+# Captured on a throwaway one-node Slurm 22.05 cluster with TaskPlugin=task/cgroup,
+# ProctrackType=proctrack/cgroup, SelectTypeParameters=CR_Core_Memory and cgroup.conf
+# ConstrainRAMSpace=yes (the change proposed for slurm/start.sh): `srun -n2 --mem=300M
+# --kill-on-bad-exit=1 --output=logs/rank%t.log rank.py -- python job.py`, rank 1 touching
+# 1 GiB. slurmstepd wrote its line into rank 0's log, not the victim's (rank 1's was empty).
+SLURM_CGROUP_OOM_RANK0 = """slurmstepd-memnode1: error: Detected 1 oom-kill event(s) in StepId=3.0. Some of your processes may have been killed by the cgroup out-of-memory handler.
+slurmstepd-memnode1: error: *** STEP 3.0 ON memnode1 CANCELLED AT 2026-12-01T10:19:02 ***
+launcher: rank 0: SIGTERM -> SIGTERM to the script
+"""  # noqa: E501
+
+
+def test_slurms_cgroup_oom_kill_is_host_oom_on_the_rank_it_killed(tmp_path) -> None:
+    import json
+
+    (tmp_path / "exits").mkdir()
+    (tmp_path / "logs").mkdir()
+    exits = {  # rank.py's exit files of that job, as written
+        0: {"exit_code": -15, "node": "memnode1", "ended": 1796120342.25, "stopped_by": "SIGTERM"},
+        1: {"exit_code": -9, "node": "memnode1", "ended": 1796120341.97},
+    }
+    for rank, data in exits.items():
+        (tmp_path / "exits" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **data}))
+    (tmp_path / "logs" / "rank0.log").write_text(SLURM_CGROUP_OOM_RANK0)
+    (tmp_path / "logs" / "rank1.log").write_text("")
+    record = {"state": "FAILED", "world_size": 2, "slurm_state": "FAILED"}
+    cause = diagnose(rank_ends(tmp_path, record), backend_view(record))  # type: ignore[arg-type]
+    # Without the rule: "killed" (SIGKILL from outside), which does not say memory.
+    assert (cause.kind, cause.rank, cause.node, cause.consequences) == (
+        "host_oom",
+        1,
+        "memnode1",
+        (0,),
+    )
+    assert cause.summary == (
+        "killed by the OOM killer of the job's memory cgroup "
+        "(slurmstepd: Detected 1 oom-kill event(s) in StepId=3.0)"
+    )
+    assert "resources.mem_gb" in cause.hint
+
+
+def test_a_sigkill_without_slurmstepds_oom_line_stays_killed() -> None:
+    ends = [RankEnd(0, -9, "node1", 1.0, "step 3\n")]
+    assert diagnose(ends, BackendView(slurm_state="FAILED")).kind == "killed"

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ FAIL_ON_RANK_1 = """
 
 def run_job(
     tmp_path: Path, body: str, *, procs: int = 2, extra: str = "", time_min: int | None = None
-) -> tuple[Path, dict]:
+) -> tuple[Path, runs.RunRecord]:
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(body))
     # Indented as the line above it before dedent.
@@ -117,18 +118,22 @@ def test_a_segfault_is_a_native_crash(tmp_path):
 
 
 def test_a_gloo_timeout_names_the_rank_that_never_entered_the_collective(tmp_path):
+    # The 3 s timeout is the collective's own group's: the default group keeps the rendezvous,
+    # so a rank slow to start under load is not mistaken for the timeout under test.
     body = """
         import datetime, time
         import torch, torch.distributed as dist
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+        dist.init_process_group("gloo")
+        quick = dist.new_group(timeout=datetime.timedelta(seconds=3))
         if dist.get_rank() == 1:
             time.sleep(60)  # never reaches the all_reduce
-        dist.all_reduce(torch.ones(1))
+        dist.all_reduce(torch.ones(1), group=quick)
     """
     _, record = run_job(tmp_path, body)
     cause = record["cause"]
     assert cause["kind"] == "collective_timeout" and cause["rank"] == 0
     assert cause["detail"]["did_not_arrive"] == [1]
+    assert "Timed out waiting 3000ms" in cause["detail"]["message"], cause
 
 
 def test_a_missing_interpreter_means_the_job_never_started(tmp_path):
@@ -218,3 +223,54 @@ def test_the_time_limit_is_time_limit_not_the_ranks_it_stopped(tmp_path):
     assert record["error"].startswith("time limit of 1 min reached"), record["error"]
     assert cause["kind"] == "time_limit", cause
     assert cause["rank"] is None and "resources.time_min" in cause["hint"]
+
+
+def test_launcher_cancel_is_cancelled_not_the_ranks_it_stopped(tmp_path):
+    (tmp_path / "job.py").write_text(
+        textwrap.dedent(
+            """\
+            import os, time
+            run_dir = os.environ["LAUNCHER_RUN_DIR"]
+            open(os.path.join(run_dir, "up-rank" + os.environ["RANK"]), "w").close()
+            time.sleep(300)
+            """
+        )
+    )
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            name: triage
+            runs_dir: {tmp_path / "runs"}
+            entrypoint:
+              script: {tmp_path / "job.py"}
+            resources:
+              procs_per_node: 2
+            local:
+              stop_grace_s: 2
+            """
+        )
+    )
+    launcher = [sys.executable, "-m", "launcher"]
+    out = subprocess.run(
+        [*launcher, "run", str(cfg), "--detach"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = list((tmp_path / "runs" / "triage").iterdir())
+    deadline = time.monotonic() + 60
+    while not all((run_dir / f"up-rank{r}").exists() for r in (0, 1)):
+        assert time.monotonic() < deadline, runs.read_record(run_dir)
+        time.sleep(0.2)
+    cancel = subprocess.run(
+        [*launcher, "cancel", str(run_dir)], capture_output=True, text=True, timeout=60
+    )
+    assert cancel.returncode == 0, cancel.stderr
+    deadline = time.monotonic() + 30
+    while runs.read_record(run_dir)["state"] != "CANCELLED":  # the supervisor records the end
+        assert time.monotonic() < deadline, runs.read_record(run_dir)
+        time.sleep(0.2)
+    record = ensure_cause(run_dir, runs.read_record(run_dir))
+    cause = record["cause"]
+    # `launcher cancel` sends the supervisor SIGTERM; it stops every rank and says so.
+    assert (cause["kind"], cause["summary"]) == ("cancelled", "cancelled by SIGTERM"), record
+    assert cause["rank"] is None and cause["consequences"] == []

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -42,11 +44,11 @@ def _cluster():
     require_cluster()
 
 
-def _submit(tmp_path: Path, runs_dir: Path, body: str, **sections) -> Path:
+def _submit(tmp_path: Path, runs_dir: Path, body: str, **sections: dict[str, Any]) -> Path:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     (work / "job.py").write_text(textwrap.dedent(body))
-    data = {
+    data: dict[str, Any] = {
         "name": "triage",
         "backend": "slurm",
         "workdir": str(work),
@@ -63,8 +65,9 @@ def _submit(tmp_path: Path, runs_dir: Path, body: str, **sections) -> Path:
     return only_run(runs_dir)
 
 
-def _cause(run_dir: Path, record: dict) -> dict:
-    cause = ensure_cause(run_dir, record)["cause"]
+def _cause(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    cause = ensure_cause(run_dir, cast(runs.RunRecord, record))["cause"]
+    assert cause is not None
     assert runs.read_record(run_dir)["cause"] == cause  # kept in the record
     return cause
 
@@ -138,3 +141,136 @@ def test_preempted_with_no_requeue_left_is_preempted(tmp_path, runs_dir):
     cause = _cause(run_dir, record)
     assert cause["kind"] == "preempted", (cause, record.get("error"), record.get("attempts"))
     assert "slurm.max_requeue" in cause["hint"]
+
+
+# --- module not found, segfault, gloo timeout on 2 nodes ------------------------------------
+# Submitted together when the module starts (each job: 2 nodes x 1 CPU in debug), so the
+# three wait for the cluster once, not three times.
+
+RANK_1_FAILS = """
+    import time
+    import torch
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 1:
+        time.sleep(1)
+        {failure}
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for the peer that failed
+    time.sleep(120)
+"""
+# The 3 s timeout is the collective's own group's: the rendezvous across the nodes keeps the
+# default one, so a slow task start is not mistaken for the timeout under test.
+GLOO_TIMEOUT = """
+    import datetime, time
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    quick = dist.new_group(timeout=datetime.timedelta(seconds=3))
+    if dist.get_rank() == 1:
+        time.sleep(120)  # never reaches the all_reduce
+    dist.all_reduce(torch.ones(1), group=quick)
+"""
+TWO_NODE_JOBS = {
+    "test_a_missing_module_on_one_rank_of_two_nodes": RANK_1_FAILS.format(
+        failure="import no_such_module_for_launcher"
+    ),
+    "test_a_segfault_on_one_rank_of_two_nodes_is_a_native_crash": RANK_1_FAILS.format(
+        failure="import ctypes; ctypes.string_at(0)"
+    ),
+    "test_a_gloo_timeout_across_two_nodes_names_the_rank_that_never_arrived": GLOO_TIMEOUT,
+}
+
+
+@pytest.fixture(scope="module")
+def two_node_runs(request, tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """The run folder of each selected TWO_NODE_JOBS test, all submitted at once."""
+    require_cluster()
+    selected = {item.name for item in request.session.items}
+    submitted: dict[str, Path] = {}
+    for name, body in TWO_NODE_JOBS.items():
+        if name in selected:
+            folder = tmp_path_factory.mktemp("triage-2n")
+            (folder / "runs").mkdir()
+            submitted[name] = _submit(
+                folder,
+                folder / "runs",
+                body,
+                resources={"nodes": 2},
+                env={"PYTHONPATH": str(ROOT)},
+            )
+    yield submitted
+    for run_dir in submitted.values():  # none is left running when a test fails early
+        job_id = runs.read_record(run_dir).get("backend_info", {}).get("job_id")
+        if job_id:
+            subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=30)
+
+
+def _two_node_cause(two_node_runs: dict[str, Path], name: str) -> tuple[dict, dict]:
+    run_dir = two_node_runs[name]
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=600)
+    assert record["state"] == "FAILED", record
+    return record, _cause(run_dir, record)
+
+
+def test_a_missing_module_on_one_rank_of_two_nodes(two_node_runs):
+    _, cause = _two_node_cause(two_node_runs, "test_a_missing_module_on_one_rank_of_two_nodes")
+    assert (cause["kind"], cause["rank"], cause["node"]) == ("module_not_found", 1, "node2"), cause
+    assert cause["summary"] == "No module named 'no_such_module_for_launcher'"
+    assert cause["consequences"] == [0], cause
+
+
+def test_a_segfault_on_one_rank_of_two_nodes_is_a_native_crash(two_node_runs):
+    name = "test_a_segfault_on_one_rank_of_two_nodes_is_a_native_crash"
+    record, cause = _two_node_cause(two_node_runs, name)
+    assert (cause["kind"], cause["rank"], cause["node"]) == ("native_crash", 1, "node2"), cause
+    assert cause["detail"]["signal"] == "SIGSEGV", cause
+    assert cause["consequences"] == [0], cause
+
+
+def test_a_gloo_timeout_across_two_nodes_names_the_rank_that_never_arrived(two_node_runs):
+    name = "test_a_gloo_timeout_across_two_nodes_names_the_rank_that_never_arrived"
+    _, cause = _two_node_cause(two_node_runs, name)
+    assert (cause["kind"], cause["rank"], cause["node"]) == ("collective_timeout", 0, "node1")
+    assert cause["detail"]["did_not_arrive"] == [1], cause
+    assert "Timed out waiting 3000ms" in cause["detail"]["message"], cause
+
+
+# --- host out of memory: only where the cluster enforces memory ------------------------------
+GREEDY = """
+    import time
+    chunks = []
+    for _ in range(64):
+        chunks.append(bytearray(16 * 1024 * 1024))  # touched: bytearray zero-fills
+        time.sleep(0.02)
+    print("allocated 1 GiB: the limit did not hold", flush=True)
+"""
+
+
+def _memory_enforced() -> str | None:
+    """Why this cluster does not kill a job past its --mem (None when it does)."""
+    out = subprocess.run(
+        ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30
+    ).stdout
+    conf = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition("=") for line in out.splitlines())
+    )
+    if "task/cgroup" not in conf.get("TaskPlugin", ""):
+        return f"TaskPlugin={conf.get('TaskPlugin')}: no memory cgroup per job"
+    if "MEMORY" not in conf.get("SelectTypeParameters", "").upper():
+        return f"SelectTypeParameters={conf.get('SelectTypeParameters')}: memory not tracked"
+    return None
+
+
+def test_a_memory_limit_reached_on_slurm_is_host_oom(tmp_path, runs_dir):
+    """Runs once slurm/start.sh turns memory enforcement on (task/cgroup with
+    ConstrainRAMSpace, CR_Core_Memory); off today, so it says why and skips."""
+    why_not = _memory_enforced()
+    if why_not:
+        pytest.skip(f"memory enforcement is off on this cluster ({why_not})")
+    run_dir = _submit(tmp_path, runs_dir, GREEDY, resources={"mem_gb": 0.25})
+    record = wait_state(run_dir, runs.FINAL_STATES, timeout=600)
+    assert record["state"] == "FAILED", record
+    cause = _cause(run_dir, record)
+    assert (cause["kind"], cause["rank"]) == ("host_oom", 0), cause
+    assert cause["node"] in ("node1", "node2"), cause
+    assert "resources.mem_gb" in cause["hint"]
