@@ -403,6 +403,7 @@ def cmd_hw(args: argparse.Namespace) -> int:
     from launcher.spec import LoaderSpec
 
     loader = LoaderSpec()
+    trainer = False
     procs = args.procs
     if args.measure:
         if not args.config:
@@ -419,10 +420,11 @@ def cmd_hw(args: argparse.Namespace) -> int:
 
         spec = config.load(args.config, args.overrides).spec
         loader = spec.loader
+        trainer = spec.entrypoint.kind == "trainer"
         procs = procs or spec.resources.tasks_per_node
     procs = procs or 1
     hw = hardware.detect()
-    picks = hardware.pick_loader(hw, procs, loader)
+    picks = hardware.pick_loader(hw, procs, loader, trainer=trainer)
     if args.json:
         print(
             json.dumps(

@@ -23,6 +23,7 @@ MEM_PER_WORKER = 1 * 1024**3
 MAX_WORKERS = 16
 ENV_PREFIX = "LAUNCHER_"
 AUTO = "auto"
+RULE = "rule"
 
 
 @dataclass(frozen=True)
@@ -245,18 +246,20 @@ def pick_loader(
     loader: LoaderSpec | None = None,
     *,
     uses_gpu: bool | None = None,
+    trainer: bool = False,
 ) -> LoaderPicks:
     """Pick per-process DataLoader settings; explicit values in `loader` always win.
 
     Workers: two per CPU each process gets (none under two CPUs), capped by memory and
-    /dev/shm per worker. Pinned memory only helps host-to-GPU copies.
+    /dev/shm per worker; measured instead with `auto`, which is the built-in trainer's
+    default (`trainer`). Pinned memory only helps host-to-GPU copies.
     """
     loader = loader or LoaderSpec()
     procs = max(1, local_world_size)
     reasons: dict[str, str] = {}
     gpu = hw.gpus > 0 if uses_gpu is None else uses_gpu
 
-    measure_workers = loader.num_workers == AUTO
+    measure_workers = loader.num_workers == AUTO or (loader.num_workers is None and trainer)
     if isinstance(loader.num_workers, int) and not measure_workers:
         workers = loader.num_workers
         reasons["num_workers"] = "set in the config"
@@ -264,6 +267,8 @@ def pick_loader(
         workers, why = rule_workers(hw, procs)
         if measure_workers:
             why = f"measured where the job runs; first candidate and fallback: {why}"
+        elif loader.num_workers == RULE:
+            why = f"{why} (num_workers: rule)"
         reasons["num_workers"] = why
 
     measure_pin = False

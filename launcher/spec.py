@@ -90,11 +90,16 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    """DataLoader settings; null means "pick from the hardware where the job runs", "auto"
-    means "measure a few settings where the job runs" (launcher.runtime.autotune)."""
+    """DataLoader settings; null means "pick from the hardware where the job runs".
+
+    num_workers: "auto" measures a few settings where the job runs (launcher.runtime.autotune),
+    "rule" takes the fixed rule's pick unmeasured; null is "auto" for the built-in trainer
+    (bench/loader_auto.py: 98-100% of a full grid's best where the rule reached 60-100%) and
+    "rule" for a script or callable, whose loader the launcher does not build.
+    """
 
     # Bounds in problems(): "auto" is not a number to compare.
-    num_workers: int | Literal["auto"] | None = None
+    num_workers: int | Literal["auto", "rule"] | None = None
     pin_memory: bool | Literal["auto"] | None = None
     persistent_workers: bool | None = None
     prefetch_factor: int | None = field(default=None, metadata=_meta(min=1, max=64))
@@ -109,7 +114,7 @@ class LoaderSpec:
 
     def problems(self) -> Problems:
         if isinstance(self.num_workers, int) and not 0 <= self.num_workers <= 256:
-            yield "num_workers", f"expected 0 to 256 or 'auto', got {self.num_workers}"
+            yield "num_workers", f"expected 0 to 256, 'auto' or 'rule', got {self.num_workers}"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,15 @@ JOBS = Path(__file__).resolve().parent / "jobs"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_loader_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The built-in trainer measures num_workers by default and remembers the result: in a
+    cache of this test session's, never the user's ~/.cache (a test that needs an empty one
+    sets its own)."""
+    path = tmp_path_factory.mktemp("loader-cache") / "loader-picks.json"
+    os.environ.setdefault("LAUNCHER_LOADER_CACHE", str(path))
+
+
 def need(available: bool, what: str) -> None:
     """Skip when a real service is missing, except under CI where that is a failure."""
     if available:

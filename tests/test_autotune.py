@@ -229,10 +229,16 @@ def _tuned(dataset: torch.utils.data.Dataset, batch: int, hw: Hardware, path: Pa
 def _drive(tuner: autotune.LoaderTuner) -> autotune.Measured:
     for epoch in range(100):
         tuner.sampler.set_epoch(epoch)
+        tuner.sampler.set_start(0)  # as the trainer does: the tuner moves it on settling
         for _ in tuner.iterate():
             if tuner.result is not None:
                 return tuner.result
-    raise AssertionError("the race did not end")
+    race = tuner.race
+    raise AssertionError(
+        f"the race did not end: window0 {tuner.window0}, epoch {tuner.epoch_batches} batches, "
+        f"round {race.round}, queue {race.queue}, survivors {race.survivors}, "
+        f"slots {race.slots}, batches {tuner._batches}"
+    )
 
 
 def test_result_is_reused_and_measured_again_when_the_key_changes(cache: Path) -> None:

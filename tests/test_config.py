@@ -29,7 +29,7 @@ BAD = [
     ("name: a\nentrypoint: {callable: 'not a callable'}\n", "entrypoint.callable", "module"),
     ("name: a\nentrypoint: {args: ['--x']}\n", "entrypoint.args", "only for a 'script'"),
     ("name: a\nentrypoint: {script: a.py, args: --x}\n", "entrypoint.args", "expected a list"),
-    ("name: a\nloader: {num_workers: -1}\n", "loader.num_workers", "0 to 256 or 'auto'"),
+    ("name: a\nloader: {num_workers: -1}\n", "loader.num_workers", "0 to 256, 'auto' or 'rule'"),
     ("name: a\nloader: {pin_memory: maybe}\n", "loader.pin_memory", "true or false"),
     ("name: a\nenv: {1BAD: x}\n", "env.1BAD", "environment variable"),
     (

@@ -62,17 +62,24 @@ def resolve_picks(
     *,
     local_world_size: int | None = None,
     uses_gpu: bool | None = None,
+    trainer: bool = False,
 ) -> LoaderPicks:
-    """The launcher's picks (from the environment) or fresh ones; explicit config values win."""
+    """The launcher's picks (from the environment) or fresh ones; explicit config values win.
+
+    `trainer`: the built-in trainer, for which an unset `num_workers` means `auto`.
+    """
     loader_spec = loader_spec or LoaderSpec()
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     picks = picks_from_env()
     if picks is None:
-        picks = pick_loader(detect(), local_world_size, loader_spec, uses_gpu=uses_gpu)
+        picks = pick_loader(
+            detect(), local_world_size, loader_spec, uses_gpu=uses_gpu, trainer=trainer
+        )
     else:
         reasons = dict(picks.reasons)
-        if loader_spec.num_workers == AUTO:
+        unset = loader_spec.num_workers is None
+        if loader_spec.num_workers == AUTO or (unset and trainer):
             picks = replace(picks, measure_workers=True, measure_pin=picks.pin_memory)
         elif isinstance(loader_spec.num_workers, int):
             picks = replace(picks, num_workers=loader_spec.num_workers, measure_workers=False)

@@ -391,6 +391,7 @@ class _Trainer:
             self.spec.loader,
             local_world_size=self.ctx.env.local_world_size,
             uses_gpu=self.uses_gpu,
+            trainer=True,
         )
         # With `auto` this loader only holds the sampler: the tuner builds the ones that load.
         fixed = replace(picks, measure_workers=False, measure_pin=False)
