@@ -1,19 +1,99 @@
 """How a job's entrypoint becomes argv and environment for one process, on any backend.
 
 Every backend starts the same commands with the same torchrun-style variables, so a
-script that works locally works in Docker and on Slurm unchanged.
+script that works locally works in Docker and on Slurm unchanged, and every backend's rank
+starts a script through the same exit runner (`rank_argv`). Standard library only at import
+time: Slurm's rank wrapper imports it on every task, in containers too.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from launcher.hardware import LoaderPicks
-from launcher.spec import JobSpec
+if TYPE_CHECKING:
+    from launcher.hardware import LoaderPicks
+    from launcher.spec import JobSpec
 
 # Set by the launcher for every process; documented in the README.
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# How a rank runs a script: as `python script.py` does, but once the script is done it leaves
+# the way multiprocessing's children do (threading._shutdown: threading atexits such as an
+# executor's, then non-daemon threads joined; atexit run; files flushed; then os._exit)
+# instead of finalizing the interpreter. A native thread the script left behind (a gloo
+# worker dropping a finished collective that holds a Python object) can then never take the
+# GIL during finalization, where CPython < 3.14 ends it with pthread_exit and the C++
+# unwinding aborts the rank ("terminate called without an active exception"). An exception
+# other than SystemExit still exits through the interpreter (traceback and exit code 1 as
+# python gives them). Standard library only: it runs under the job's interpreter, which may
+# not have launcher.
+RANK_MAIN = """\
+import atexit, builtins, gc, io, os, sys, threading, types
+from importlib.machinery import SourceFileLoader
+sys.argv = sys.argv[1:]
+path = os.path.abspath(sys.argv[0])
+try:
+    with io.open_code(path) as fh:
+        source = fh.read()
+except OSError as exc:  # as python says it, with its exit code
+    print(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}",
+          file=sys.stderr)
+    os._exit(2)
+sys.path[0] = os.path.dirname(os.path.realpath(path))  # as python sets it
+main = types.ModuleType("__main__")  # the globals python gives a script (__file__ absolute)
+main.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None,
+                     __loader__=SourceFileLoader("__main__", path))
+sys.modules["__main__"] = main
+del fh
+try:
+    exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+del source
+threading._shutdown()
+atexit._run_exitfuncs()
+main.__dict__.clear()  # as finalization does: the script's objects go, its files close
+gc.collect()
+for kind in (io.TextIOBase, io.BufferedIOBase):  # files left open elsewhere: flushed
+    for obj in gc.get_objects():
+        if isinstance(obj, kind):
+            try:
+                obj.flush()
+            except Exception:
+                pass
+if code is not None and not isinstance(code, int):
+    print(code, file=sys.stderr)
+    code = 1
+for stream in (sys.stdout, sys.stderr):
+    try:
+        stream.flush()
+    except (AttributeError, OSError, ValueError):
+        pass
+os._exit((code or 0) & 0xFF)
+"""
+
+
+def rank_argv(argv: list[str]) -> list[str]:
+    """What a rank really starts (local and Docker supervisor, Slurm's rank wrapper):
+    `python script.py ARGS` becomes `python -c RANK_MAIN script.py ARGS`; anything else
+    (`-m` modules, interpreter options, an executable) runs as planned."""
+    if len(argv) >= 2 and not argv[1].startswith("-") and argv[1].endswith(".py"):
+        return [argv[0], "-c", RANK_MAIN, *argv[1:]]
+    return argv
+
+
+def exit_note(argv: list[str]) -> str | None:
+    """What a dry-run says about how a rank of `argv` leaves; None when it runs as planned."""
+    if rank_argv(argv) is argv:
+        return None
+    return (
+        "the script runs through launcher's exit runner (entrypoint.RANK_MAIN): threads "
+        "joined, atexit handlers, then os._exit, never interpreter finalization"
+    )
 
 
 def python_for(spec: JobSpec) -> str:

@@ -43,7 +43,7 @@ from launcher.backends.local.supervisor import (
     stop_lines,
     stop_settings,
 )
-from launcher.entrypoint import entry_argv
+from launcher.entrypoint import entry_argv, exit_note
 from launcher.errors import BackendError, ConfigError
 from launcher.hardware import Hardware, LoaderPicks, detect, pick_loader, shm_bytes_needed
 from launcher.image import image_for
@@ -558,6 +558,7 @@ def _render(
         f"{container['mem_limit'] or 'no limit'}",
         f"gpus:      {json.dumps(container['gpus']) if container['gpus'] else 'none'}",
         *stop_lines(payload),
+        *[f"exit:       {note}" for note in [exit_note(procs[0]["argv"])] if procs and note],
         "mounts:",
         *(
             f"  {m['source']} -> {m['target']}{' (ro)' if m['read_only'] else ''}"

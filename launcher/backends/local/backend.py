@@ -43,7 +43,7 @@ from launcher.backends.local.supervisor import (
     stop_settings,
     supervise,
 )
-from launcher.entrypoint import entry_argv
+from launcher.entrypoint import entry_argv, exit_note
 from launcher.errors import BackendError, ConfigError
 from launcher.hardware import Hardware, LoaderPicks, detect, pick_loader
 from launcher.spec import JobSpec
@@ -202,6 +202,7 @@ def render(spec: JobSpec, run_dir: Path, payload: SupervisorPayload, picks: Load
         f"processes:  {res.tasks_per_node} on this machine (world size {res.tasks_per_node})",
         f"entrypoint: {spec.entrypoint.kind}",
         *stop_lines(payload),
+        *[f"exit:       {note}" for note in [exit_note(procs[0]["argv"])] if procs and note],
         "loader picks per process:",
     ]
     for key in ("num_workers", "pin_memory", "persistent_workers", "prefetch_factor"):

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 from launcher import config, runs
 from launcher.backends.base import Plan, ProcEntry, SupervisorPayload
 from launcher.backends.local import guard
-from launcher.entrypoint import dist_env, job_env, stop_grace_s, stop_signal
+from launcher.entrypoint import dist_env, job_env, rank_argv, stop_grace_s, stop_signal
 from launcher.errors import BackendError, ConfigError
 from launcher.hardware import LoaderPicks, detect_cpus
 from launcher.ports import free_port
@@ -51,45 +51,6 @@ GUARD_MARGIN_S = 5.0
 REPORT_TIMEOUT_S = 60.0
 GUARD = Path(guard.__file__).resolve()
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# How a rank runs a script: as `python script.py` does, but once the script is done it leaves
-# the way multiprocessing's children do (non-daemon threads joined, atexit run, files flushed,
-# then os._exit) instead of finalizing the interpreter. A native thread the script left behind
-# (a gloo worker dropping a finished collective that holds a Python object) can then never
-# take the GIL during finalization, where CPython < 3.14 ends it with pthread_exit and the C++
-# unwinding aborts the rank ("terminate called without an active exception"). An exception
-# other than SystemExit still exits through the interpreter (tracebacks unchanged).
-# Standard library only: it runs under the job's interpreter, which may not have launcher.
-RANK_MAIN = """\
-import atexit, gc, os, runpy, sys, threading
-sys.argv = sys.argv[1:]
-path = os.path.abspath(sys.argv[0])
-try:
-    open(path, "rb").close()
-except OSError as exc:  # as python says it, with its exit code
-    print(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}",
-          file=sys.stderr)
-    os._exit(2)
-sys.path[0] = os.path.dirname(os.path.realpath(path))  # as python sets it
-try:
-    runpy.run_path(path, run_name="__main__")  # __file__ absolute, as python 3.9+ sets it
-    code = 0
-except SystemExit as exc:
-    code = exc.code
-for t in threading.enumerate():
-    if t is not threading.main_thread() and not t.daemon:
-        t.join()
-atexit._run_exitfuncs()
-gc.collect()
-if code is not None and not isinstance(code, int):
-    print(code, file=sys.stderr)
-    code = 1
-for stream in (sys.stdout, sys.stderr):
-    try:
-        stream.flush()
-    except (AttributeError, OSError, ValueError):
-        pass
-os._exit((code or 0) & 0xFF)
-"""
 # Signals a crashing process dies by (not a kill from outside).
 CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 # How a crash announces itself in a log: C++ std::terminate, CPython, glibc, the shell.
@@ -424,7 +385,7 @@ class _Supervisor:
         report_r, report_w = os.pipe()
         argv = [sys.executable, "-I", "-S", str(GUARD)]
         argv += [str(self.grace), str(self.lifeline_r), str(report_w), self.stop_signal]
-        argv += ["--", *_rank_argv(proc["argv"])]
+        argv += ["--", *rank_argv(proc["argv"])]
         try:
             with open(proc["log"], "ab") as log:
                 popen = subprocess.Popen(
@@ -650,14 +611,6 @@ class _Supervisor:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
-
-
-def _rank_argv(argv: list[str]) -> list[str]:
-    """`python script.py ARGS` becomes `python -c RANK_MAIN script.py ARGS`; anything else
-    (`-m` modules, other interpreter options) runs as planned."""
-    if len(argv) >= 2 and not argv[1].startswith("-") and argv[1].endswith(".py"):
-        return [argv[0], "-c", RANK_MAIN, *argv[1:]]
-    return argv
 
 
 def _exit_text(rank: int, code: int | None) -> str:

@@ -1,9 +1,14 @@
 """Runs on every rank, under srun: derive the torchrun-style variables, then run the entrypoint.
 
-`srun ... LAUNCHER_PYTHON rank.py --stop-signal=SIG -- ARGV...` runs on every task. It is pure
-standard library and runs with launcher's own interpreter (the one the batch shell `exec`s),
-never the job's: the job's `entrypoint.python` needs only what the script imports. Run by
-path it needs no launcher install at all (inside a container: any python of the image).
+`srun ... LAUNCHER_PYTHON -m launcher.backends.slurm.rank --stop-signal=SIG -- ARGV...` runs
+on every task, with launcher's own interpreter (the one the batch shell `exec`s; inside a
+container the image's, which has launcher), never the job's: the job's `entrypoint.python`
+needs only what the script imports. It imports the standard library and launcher.entrypoint
+(standard library at import), never submitit or torch.
+
+A `python script.py` child starts through the exit runner the local and Docker ranks use
+(`entrypoint.rank_argv`): once the script is done it leaves by os._exit after atexit, so a
+gloo thread cannot abort the rank in interpreter finalization.
 
 It keeps all SLURM_* variables (a Lightning script with `Trainer(num_nodes=N)` works
 unchanged), sets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, picks
@@ -35,6 +40,8 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from launcher.entrypoint import rank_argv
 
 # Same value as launcher.runtime.REQUEUE_EXIT_CODE (EX_TEMPFAIL); not imported: no torch here.
 REQUEUE_EXIT_CODE = 75
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = env["RANK"]
     started = time.time()
     try:
-        child = subprocess.Popen(argv, env=env)
+        child = subprocess.Popen(rank_argv(argv), env=env)
     except OSError as exc:
         # Reported like any exit, so the run names this rank and why instead of "never ran".
         print(f"launcher: cannot start {argv[0]}: {exc}", file=sys.stderr)

@@ -36,7 +36,7 @@ from typing import Any
 
 from launcher.backends.base import SlurmPayload
 from launcher.backends.slurm import container
-from launcher.entrypoint import entry_argv, job_env, stop_grace_s, stop_signal
+from launcher.entrypoint import entry_argv, exit_note, job_env, stop_grace_s, stop_signal
 from launcher.errors import ConfigError
 from launcher.spec import JobSpec
 
@@ -490,4 +490,7 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         "WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE and keeps SLURM_*; "
         "<run dir>/bin/scontrol turns its `scontrol requeue` into a request to the host task",
     ]
+    note = exit_note(entry_argv(spec, None))
+    if note:
+        lines.append(f"# and in every task {note}")
     return "\n".join(lines)
