@@ -1,16 +1,21 @@
-"""What finding a failure's cause costs `launcher status` and `launcher sweep status`.
+"""What finding a failure's cause (and keeping every run's cost) costs `launcher status` and
+`launcher sweep status`.
 
 1,000 finished local runs (10% failed, each with two rank logs holding a traceback), and a
 1,000-point sweep with 100 failed points. Each command is timed (CPU seconds, user + sys,
 of a fresh interpreter each time, as a user runs it) four ways:
-  old    the code before causes (a worktree at c91d342, default /work/before)
-  first  this code, no cause in the records yet: the first call finds and writes 100
-  held   this code, every cause already in its record (every later call)
+  old    the code before causes (a worktree at c91d342, default /work/before), or before
+         costs (`--before /work/before-cost`: `git archive a822cf5`)
+  first  this code, no cause or cost in the records yet: the first call finds and writes
+         100 causes and 1,000 costs
+  held   this code, every cause and cost already in its record (every later call)
   off    this code with the cause step turned off (causes.ensure_cause returns the record
          as it is): what the rest of this code costs, so held/off is the cause step alone
 Target: `held` at most 20% over `off` (and `old`, where nothing else changed since).
+`old` is the second call of the code before (its first may keep causes of its own).
 
     python3 bench/status_causes.py [--repeat 7] [--before /work/before]
+    python3 bench/status_causes.py --before /work/before-cost   # the cost step
 """
 
 from __future__ import annotations
@@ -78,16 +83,20 @@ def _write_run(run_dir: Path, record: dict) -> None:
         (run_dir / "logs" / "rank1.log").write_text("x" * 20_000 + "\n" + STOPPED)
 
 
-def make(root: Path) -> tuple[Path, Path, list[Path], list[Path]]:
-    """runs/ with 1,000 runs, and a 1,000-point sweep; the failed runs and points."""
+def make(root: Path) -> tuple[Path, Path, list[Path], list[Path], list[Path], list[Path]]:
+    """runs/ with 1,000 runs, and a 1,000-point sweep; every run and point, the failed
+    runs and points."""
     runs_dir = root / "runs"
     failed: list[Path] = []
+    every: list[Path] = []
     for i in range(N_RUNS):
         run_dir = runs_dir / "bench" / f"20261201-080000-{i:06x}"
         bad = i % FAILED_EVERY == 0
         _write_run(run_dir, _record(run_dir.name, "bench", bad))
         failed += [run_dir] if bad else []
+        every.append(run_dir)
     failed_points: list[Path] = []
+    every_point: list[Path] = []
     sweep_dir = root / "sweeps" / "sw" / "sweeps" / "s1"
     sweep_dir.mkdir(parents=True)
     points = []
@@ -96,6 +105,7 @@ def make(root: Path) -> tuple[Path, Path, list[Path], list[Path]]:
         bad = i % FAILED_EVERY == 0
         _write_run(run_dir, _record(run_dir.name, "sw", bad, sweep_dir=str(sweep_dir)))
         failed_points += [run_dir] if bad else []
+        every_point.append(run_dir)
         points.append(
             {
                 "index": i,
@@ -123,14 +133,17 @@ def make(root: Path) -> tuple[Path, Path, list[Path], list[Path]]:
         "points": points,
     }
     runs.atomic_write_text(sweep_dir / "sweep.json", json.dumps(sweep))
-    return runs_dir, sweep_dir, failed, failed_points
+    return runs_dir, sweep_dir, every, failed, every_point, failed_points
 
 
-def forget_causes(failed: list[Path]) -> None:
-    for run_dir in failed:
+def forget(run_dirs: list[Path]) -> None:
+    """Take the kept cause and cost out of these records: the next call finds them again."""
+    for run_dir in run_dirs:
         record = runs.read_record(run_dir)
-        record.pop("cause", None)
-        runs.write_record(run_dir, record)
+        if "cause" in record or "cost" in record:
+            record.pop("cause", None)
+            record.pop("cost", None)
+            runs.write_record(run_dir, record)
 
 
 # `python -m launcher` with the cause step turned off (both commands call it through the module).
@@ -160,22 +173,31 @@ def main() -> int:
     parser.add_argument("--before", type=Path, default=Path("/work/before"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="status-causes-") as tmp:
-        runs_dir, sweep_dir, failed_runs, failed_points = make(Path(tmp))
+        runs_dir, sweep_dir, every_run, failed_runs, every_point, failed_points = make(Path(tmp))
         py = [sys.executable, "-m", "launcher"]
         commands = {
-            "status (1,000 runs)": ([*py, "status", f"--runs-dir={runs_dir}"], failed_runs),
+            "status (1,000 runs)": (
+                [*py, "status", f"--runs-dir={runs_dir}"],
+                every_run,
+                failed_runs,
+            ),
             "sweep status (1,000 points)": (
                 [*py, "sweep", "status", str(sweep_dir)],
+                every_point,
                 failed_points,
             ),
         }
         print(f"{'command':<28} {'old':>8} {'first':>8} {'held':>8} {'off':>8}  held/off  held/old")
-        for label, (argv, failed) in commands.items():
+        for label, (argv, every, failed) in commands.items():
             seen: dict[str, list[float]] = {"old": [], "first": [], "held": [], "off": []}
             off = [sys.executable, "-c", OFF, *argv[3:]]
             for _ in range(args.repeat):
-                forget_causes(failed)
+                forget(every)
+                # The code before costs keeps causes too: its first call finds them, so the
+                # second is the one to compare with `held`.
+                timed(argv, args.before)
                 seen["old"].append(timed(argv, args.before))
+                forget(every)
                 seen["first"].append(timed(argv, ROOT))
                 seen["held"].append(timed(argv, ROOT))
                 seen["off"].append(timed(off, ROOT))
@@ -187,6 +209,8 @@ def main() -> int:
             )
             kinds = {str((runs.read_record(d).get("cause") or {}).get("kind")) for d in failed}
             print(f"{'':<28} causes kept in the {len(failed)} failed records: {sorted(kinds)}")
+            costed = sum(1 for d in every if "cost" in runs.read_record(d))
+            print(f"{'':<28} costs kept: {costed} of {len(every)} records")
         print(f"medians of {args.repeat}, CPU s (user+sys), a fresh interpreter per call")
     return 0
 

@@ -231,8 +231,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows: list[tuple[Path, RunRecord | DamagedRecord]] = []
     for run_dir in run_dirs:
         try:
-            # A run that did not complete gets its cause once; later calls read it back.
-            rows.append((run_dir, causes.ensure_cause(run_dir, _read(run_dir))))
+            # A run that did not complete gets its cause once, an ended run its cost; later
+            # calls read them back.
+            record = causes.ensure_cause(run_dir, _read(run_dir))
+            rows.append((run_dir, runs.ensure_cost(run_dir, record)))
         except DamagedRecord as exc:
             if args.run:
                 raise  # the one run asked for: one line, exit 2
@@ -269,9 +271,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if args.run:
         run_dir, rec = rows[0]
-        if not isinstance(rec, DamagedRecord) and rec["state"] in causes.CAUSE_STATES:
-            _print_cause(rec)
-            _print_failure_tail(run_dir, rec)
+        if not isinstance(rec, DamagedRecord):
+            if rec.get("cost"):
+                print(f"cost:     {runs.format_cost(rec['cost'])}")
+            if rec["state"] in causes.CAUSE_STATES:
+                _print_cause(rec)
+                _print_failure_tail(run_dir, rec)
     return 0
 
 

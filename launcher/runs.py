@@ -129,8 +129,11 @@ class RunRecord(TypedDict):
     # local/docker: rank -> {"code", "ended" (epoch s), "stopped_by_launcher"}.
     rank_ends: NotRequired[dict[str, dict[str, Any]]]
     oom_kills: NotRequired[int]  # local/docker: the cgroup's oom_kill count grew this much
-    slurm_reason: NotRequired[str | None]  # "by 1000" of "CANCELLED by 1000"
-    cost: NotRequired[dict[str, float]]  # cpu_hours, gpu_hours, lost_share
+    # Slurm's "by 1000" of "CANCELLED by 1000", with the user named: "by alice (uid 1000)".
+    slurm_reason: NotRequired[str | None]
+    cancelled_by: NotRequired[dict[str, Any] | None]  # slurm: {"uid": 1000, "user": "alice"}
+    # What the run held and lost, written once it ended (`cost_of`, `ensure_cost`).
+    cost: NotRequired[dict[str, Any]]
 
 
 # Upper bounds of numbers that become sizes or kill(2) targets: Linux's largest pid_max, and a
@@ -181,6 +184,15 @@ def _is_dict_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(item, dict) for item in value)
 
 
+def _is_cost(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    numbers = [value.get(k, 0) for k in COST_NUMBERS]
+    return all(
+        isinstance(n, int | float) and not isinstance(n, bool) and 0 <= n < 1e12 for n in numbers
+    )
+
+
 def _opt(check: Callable[[object], bool]) -> Callable[[object], bool]:
     return lambda value: value is None or check(value)
 
@@ -219,6 +231,9 @@ _OPTIONAL_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "submitter": (_is_identity, "a process identity (object with a valid pid) or null"),
     "cancel_requested_at": (_opt(_is_str), "a time stamp (string) or null"),
     "warning": (_opt(_is_str), "a string or null"),
+    "slurm_reason": (_opt(_is_str), "a string or null"),
+    "cancelled_by": (_opt(lambda v: isinstance(v, dict)), "an object or null"),
+    "cost": (_is_cost, "an object of non-negative hours and shares"),
 }
 _BACKEND_INFO: dict[str, tuple[Callable[[object], bool], str]] = {
     "supervisor_pid": (_is_pid, f"a process id (1 to {PID_MAX})"),
@@ -384,6 +399,141 @@ def new_record(
         "backend_info": {},
         "config_file": config_file,
     }
+
+
+# ---- What a run cost -------------------------------------------------------------------
+
+COST_NUMBERS = ("cpu_hours", "gpu_hours", "lost_cpu_hours", "lost_gpu_hours", "lost_share")
+# Backends whose records get their cost from the scheduler's own accounting when they end
+# (slurm/status.apply_state, from the sacct query it makes anyway); the others' from wall time.
+OWN_ACCOUNTING = ("slurm",)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def cost_of(
+    attempts: list[tuple[float, float, float]], *, completed: bool, source: str
+) -> dict[str, Any]:
+    """What a run held and lost, from (CPUs, GPUs, seconds) per attempt, oldest first.
+
+    Held: CPUs x time and GPUs x time of every attempt; on Slurm the allocation (sacct's
+    AllocTRES cpu= and gres/gpu=) x each attempt's ElapsedRaw, elsewhere the run's wall time x
+    its processes' CPUs (resources.cpus_per_proc, 1 when unset; docker.cpus for a container
+    with that limit) and GPUs. Lost: held time that is not part of a completed result. A
+    run that did not complete (FAILED, CANCELLED) lost all of it: a later run resuming its
+    checkpoints has its own cost. A COMPLETED run lost every earlier attempt (requeued,
+    preempted, failed and retried) in full. That is an upper bound: the launcher does not
+    know when a script last saved, so the part of an earlier attempt before its last
+    checkpoint, which the next attempt resumed from, counts as lost too. lost_share is
+    lost / held, of GPU-hours when the run held GPUs, else of CPU-hours."""
+    lost = attempts if not completed else attempts[:-1]
+    cpu_h = sum(c * s for c, _, s in attempts) / 3600
+    gpu_h = sum(g * s for _, g, s in attempts) / 3600
+    lost_cpu_h = sum(c * s for c, _, s in lost) / 3600
+    lost_gpu_h = sum(g * s for _, g, s in lost) / 3600
+    held, gone = (gpu_h, lost_gpu_h) if gpu_h > 0 else (cpu_h, lost_cpu_h)
+    last = attempts[-1] if attempts else (0.0, 0.0, 0.0)
+    return {
+        "cpu_hours": round(cpu_h, 6),
+        "gpu_hours": round(gpu_h, 6),
+        "lost_cpu_hours": round(lost_cpu_h, 6),
+        "lost_gpu_hours": round(lost_gpu_h, 6),
+        "lost_share": round(gone / held, 4) if held > 0 else 0.0,
+        "attempts": len(attempts),
+        "cpus": last[0],
+        "gpus": last[1],
+        "seconds": round(sum(s for _, _, s in attempts), 3),
+        "source": source,
+    }
+
+
+def _seconds_between(start: object, end: object) -> float:
+    try:
+        begin = dt.datetime.fromisoformat(str(start))
+        finish = dt.datetime.fromisoformat(str(end))
+        return max(0.0, (finish - begin).total_seconds())
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _resources(run_dir: Path, backend: str, world: int) -> tuple[float, float]:
+    """(CPUs, GPUs) the run's processes held, from its resolved config.yaml (defaults when
+    it is missing or unreadable: one CPU per process, no GPU)."""
+    import yaml
+
+    config: Any = {}
+    try:
+        with open_plain(run_dir / CONFIG) as fh:
+            text = fh.read(MAX_CONFIG_BYTES)
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        config = yaml.load(text, Loader=loader)  # a safe loader (C when built with libyaml)
+    except (OSError, yaml.YAMLError):
+        pass
+    config = config if isinstance(config, dict) else {}
+    res = config.get("resources") if isinstance(config.get("resources"), dict) else {}
+    box = config.get("docker") if isinstance(config.get("docker"), dict) else {}
+
+    def number(value: object) -> float | None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        return float(cast(float, value)) if ok else None
+
+    cpus = world * (number(res.get("cpus_per_proc")) or 1.0)
+    gpus = number(res.get("gpus_per_node")) or 0.0
+    if backend == "docker":
+        cpus = number(box.get("cpus")) or cpus
+        ids = box.get("gpu_ids")
+        gpus = gpus or float(len(ids) if isinstance(ids, list) else 0)
+    return cpus, gpus
+
+
+def wall_cost(run_dir: str | Path, record: RunRecord) -> dict[str, Any]:
+    """A local or Docker run's cost: its wall time (started_at to ended_at) x resources."""
+    seconds = _seconds_between(record.get("started_at"), record.get("ended_at"))
+    cpus, gpus = _resources(Path(run_dir), record["backend"], int(record["world_size"] or 0))
+    completed = record["state"] == "COMPLETED"
+    return cost_of([(cpus, gpus, seconds)], completed=completed, source="wall time x resources")
+
+
+def ensure_cost(run_dir: str | Path, record: RunRecord) -> RunRecord:
+    """The record with its "cost" once the run ended (computed once, then kept). Slurm's
+    comes from sacct when the run ends; a Slurm record without one is left as it is."""
+    if record.get("state") not in FINAL_STATES or "cost" in record:
+        return record
+    if record.get("backend") in OWN_ACCOUNTING:
+        return record
+    cost = wall_cost(run_dir, record)
+    try:
+        return update_record(run_dir, cost=cost)
+    except (OSError, LauncherError):
+        return cast(RunRecord, {**record, "cost": cost})
+
+
+def _hours(value: float) -> str:
+    if value <= 0:
+        return "0"
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.2g}"
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """`0.42 CPU-h, 0 GPU-h held; 0.10 CPU-h (24%) lost to failures/requeues`."""
+    held = f"{_hours(cost.get('cpu_hours', 0))} CPU-h, {_hours(cost.get('gpu_hours', 0))} GPU-h"
+    lost = f"{_hours(cost.get('lost_cpu_hours', 0))} CPU-h"
+    if cost.get("gpu_hours"):
+        lost += f", {_hours(cost.get('lost_gpu_hours', 0))} GPU-h"
+    share = float(cost.get("lost_share") or 0)
+    return f"{held} held; {lost} ({share:.0%}) lost to failures/requeues"
+
+
+def add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' costs summed (a sweep's points); lost_share of the sums."""
+    total = {k: sum(float(c.get(k) or 0) for c in costs) for k in COST_NUMBERS[:4]}
+    held, gone = total["cpu_hours"], total["lost_cpu_hours"]
+    if total["gpu_hours"] > 0:
+        held, gone = total["gpu_hours"], total["lost_gpu_hours"]
+    return {**total, "lost_share": gone / held if held > 0 else 0.0}
 
 
 class RunsDirError(LauncherError):

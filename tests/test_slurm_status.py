@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,8 +26,10 @@ from launcher.backends.slurm.status import (
     merge_squeue,
     parse_sacct,
     query_states,
+    tres_count,
+    who_cancelled,
 )
-from launcher.errors import BackendError
+from launcher.errors import BackendError, DamagedRecord
 
 T0, T1 = "2026-12-01T06:00:00", "2026-12-01T06:05:00"
 # `sacct -X -P -n -o JobID,State,ExitCode,Start,End,NodeList` as Slurm 22.05 prints it.
@@ -127,6 +130,9 @@ def test_one_sacct_and_one_squeue_for_all_runs_with_a_timeout():
     assert replay.calls[0][1] == 7 and 1 <= replay.calls[1][1] <= 7  # one budget for both
     sacct_argv = replay.calls[0][0]
     assert sacct_argv[sacct_argv.index("-j") + 1] == "101,106,114"
+    # Every attempt's row (-D), with what it held, in this same one query.
+    assert "-D" in sacct_argv
+    assert sacct_argv[sacct_argv.index("-o") + 1].endswith(",AllocTRES,ElapsedRaw,Submit")
     assert states["101"]["state"] == "RUNNING" and states["106"]["state"] == "COMPLETED"
 
 
@@ -146,8 +152,8 @@ def test_squeue_refusing_finished_ids_is_fine_but_a_silent_one_is_an_error():
 def _run(tmp_path: Path, *, state="RUNNING", world=2, job_id="106", **fields) -> Path:
     run_dir = tmp_path / "run"
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    record = runs.new_record(
-        run_id="R1", name="t", backend="slurm", world_size=world, config_file=None
+    record: dict[str, Any] = dict(
+        runs.new_record(run_id="R1", name="t", backend="slurm", world_size=world, config_file=None)
     )
     record.update(state=state, backend_info={"job_id": job_id} if job_id else {}, **fields)
     runs.write_record(run_dir, record)
@@ -362,3 +368,98 @@ def test_refresh_when_slurm_is_silent_raises_and_leaves_records_alone(tmp_path):
     with pytest.raises(BackendError, match="did not answer"):
         _backend(replay).refresh([run_dir])
     assert runs.read_record(run_dir) == before
+
+
+# ---- cost: AllocTRES x ElapsedRaw of each attempt, from the same sacct rows ----
+
+NOW = dt.datetime.now().replace(microsecond=0)  # sacct prints the controller's local time
+S0, S1 = (NOW + dt.timedelta(seconds=5)).isoformat(), (NOW + dt.timedelta(seconds=60)).isoformat()
+# `sacct -X -D -P -n -o JobID,...,AllocTRES,ElapsedRaw,Submit` as Slurm 22.05 prints a job
+# that was requeued once and then completed (the shape seen on the local cluster).
+REQUEUED_THEN_DONE = f"""\
+106|REQUEUED|0:0|{T0}|{T0}|node1|billing=4,cpu=4,node=1|900|{S0}
+106|COMPLETED|0:0|{T0}|{T1}|node1|billing=4,cpu=4,node=1|2700|{S1}
+"""
+
+
+def test_alloc_tres_counts():
+    tres = "billing=8,cpu=8,gres/gpu=2,gres/gpu:a100=2,mem=16G,node=1"
+    assert (tres_count(tres, "cpu"), tres_count(tres, "gres/gpu")) == (8, 2)
+    assert tres_count("cpu=4,gres/gpu:a100=1,gres/gpu:v100=2", "gres/gpu") == 3
+    assert tres_count("billing=1,cpu=1,node=1", "gres/gpu") == 0 and tres_count("", "cpu") == 0
+
+
+def test_every_attempt_row_is_kept_and_the_latest_decides_the_state():
+    info = parse_sacct(REQUEUED_THEN_DONE)["106"]
+    assert info["state"] == "COMPLETED" and info["end"] == T1
+    assert [(u["state"], u["cpus"], u["seconds"]) for u in info["usage"]] == [
+        ("REQUEUED", 4, 900),
+        ("COMPLETED", 4, 2700),
+    ]
+    # An old six-field line still parses (no usage figures: nothing held is known).
+    assert parse_sacct(f"106|FAILED|1:0|{T0}|{T1}|n")["106"]["usage"][0]["cpus"] == 0
+
+
+def test_a_completed_run_after_a_requeue_lost_its_earlier_attempt(tmp_path):
+    run_dir = _run(tmp_path, world=1)
+    _exit(run_dir, 0, 0)
+    record = _apply(run_dir, REQUEUED_THEN_DONE)
+    cost = record["cost"]
+    assert record["state"] == "COMPLETED"
+    assert cost["cpu_hours"] == 4 * 3600 / 3600 and cost["lost_cpu_hours"] == 1.0
+    assert (cost["gpu_hours"], cost["lost_share"], cost["attempts"]) == (0, 0.25, 2)
+    assert cost["source"] == "sacct AllocTRES x ElapsedRaw"
+    assert runs.format_cost(cost) == (
+        "4.00 CPU-h, 0 GPU-h held; 1.00 CPU-h (25%) lost to failures/requeues"
+    )
+
+
+def test_a_failed_run_lost_all_it_held_gpus_first(tmp_path):
+    run_dir = _run(tmp_path)
+    _exit(run_dir, 0, 0)
+    _exit(run_dir, 1, 3, node="node2")
+    tres = "billing=16,cpu=16,gres/gpu=4,node=2"
+    record = _apply(run_dir, f"106|FAILED|3:0|{T0}|{T1}|node[1-2]|{tres}|1800|{S0}")
+    cost = record["cost"]
+    assert (cost["cpu_hours"], cost["gpu_hours"]) == (8.0, 2.0)
+    assert (cost["lost_cpu_hours"], cost["lost_gpu_hours"], cost["lost_share"]) == (8, 2, 1)
+    assert runs.format_cost(cost).endswith(
+        "8.00 CPU-h, 2.00 GPU-h (100%) lost to failures/requeues"
+    )
+
+
+def test_an_older_job_with_the_same_id_is_not_counted(tmp_path):
+    """After the controller's job ids were reset, `sacct -D -j 106` also lists the old 106."""
+    run_dir = _run(tmp_path, world=1)
+    _exit(run_dir, 0, 0)
+    old = "2025-01-01T00:00:00"
+    lines = f"106|COMPLETED|0:0|{old}|{old}|node1|cpu=64,node=1|36000|{old}\n"
+    record = _apply(run_dir, lines + REQUEUED_THEN_DONE)
+    assert (record["cost"]["cpu_hours"], record["cost"]["attempts"]) == (4.0, 2)
+
+
+def test_the_cost_is_written_once_when_the_run_ends(tmp_path):
+    run_dir = _run(tmp_path, state="PENDING", world=1)
+    running = _apply(run_dir, f"106|RUNNING|0:0|{T0}|Unknown|node1|cpu=4,node=1|60|{S0}")
+    assert "cost" not in running  # not final: nothing kept yet
+    _exit(run_dir, 0, 0)
+    assert _apply(run_dir, REQUEUED_THEN_DONE)["cost"]["cpu_hours"] == 4.0
+
+
+def test_a_cancel_names_the_user_and_keeps_the_uid(tmp_path):
+    record = _apply(_run(tmp_path), f"113|CANCELLED by 0|0:15|{T0}|{T1}|node1|cpu=1|30|{S0}")
+    assert record["slurm_reason"] == "by root (uid 0)"
+    assert record["cancelled_by"] == {"uid": 0, "user": "root"}
+    assert record["cost"]["lost_share"] == 1.0  # it did not complete
+    # A uid this host has no name for stays a uid; other words stay as Slurm wrote them.
+    assert who_cancelled("by 4000000000") == (
+        "by uid 4000000000",
+        {"uid": 4000000000, "user": None},
+    )
+    assert who_cancelled("by someone") == ("by someone", None)
+
+
+def test_a_record_with_a_negative_cost_is_refused(tmp_path):
+    run_dir = _run(tmp_path)
+    with pytest.raises(DamagedRecord, match="cost: expected an object of non-negative hours"):
+        runs.update_record(run_dir, cost={"cpu_hours": -1.0})

@@ -75,6 +75,9 @@ def collect(directory: Path, metric: str | None = None) -> tuple[state.SweepFile
             record = {}  # from an earlier attempt; this one's task has not started yet
         job = job_ids[-1] if job_ids else info.get("job_id", "")
         cause: Mapping[str, Any] = {}
+        if record and now in runs.FINAL_STATES:
+            # Kept in the record once the point ended (Slurm's from sacct, at its end).
+            record = runs.ensure_cost(Path(entry["run_dir"]), record)  # type: ignore[arg-type]
         if record and now in causes.CAUSE_STATES:
             # Read from the record once it is there; found (and kept) on the first status.
             cause = causes.ensure_cause(Path(entry["run_dir"]), record).get("cause") or {}  # type: ignore[arg-type]
@@ -90,6 +93,7 @@ def collect(directory: Path, metric: str | None = None) -> tuple[state.SweepFile
                 "error": record.get("error") or "",
                 "cause": cause.get("kind", ""),
                 "cause_summary": cause.get("summary", ""),
+                "cost": record.get("cost") or None,
                 "run_dir": entry["run_dir"],
             }
         )
@@ -133,6 +137,13 @@ def print_status(directory: Path, out: TextIO, metric: str | None = None) -> int
     if by_cause:
         ranked = sorted(by_cause.items(), key=lambda kv: (-kv[1], kv[0]))
         print("failed points by cause: " + ", ".join(f"{k} {n}" for k, n in ranked), file=out)
+    costs = [r["cost"] for r in rows if r["cost"]]
+    if costs:
+        ended = sum(1 for r in rows if r["state"] in runs.FINAL_STATES)
+        missing = ended - len(costs)
+        unknown = f" ({missing} ended points have no recorded cost)" if missing > 0 else ""
+        total = runs.format_cost(runs.add_costs(costs))
+        print(f"cost of {len(costs)} points: {total}{unknown}", file=out)
     return 0
 
 

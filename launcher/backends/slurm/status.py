@@ -12,7 +12,9 @@ attempt (`rank.missing_ranks`); otherwise it is FAILED, naming the ranks that ne
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import pwd
 import re
 import shlex
 import subprocess
@@ -25,7 +27,9 @@ from launcher import runs
 from launcher.backends.slurm.rank import never_reported, read_exits
 from launcher.errors import BackendError
 
-SACCT_FIELDS = "JobID,State,ExitCode,Start,End,NodeList"
+# AllocTRES x ElapsedRaw is what each attempt held (the run's cost); Submit tells a requeued
+# attempt's row from an older job's that had the same id before the controller's ids reset.
+SACCT_FIELDS = "JobID,State,ExitCode,Start,End,NodeList,AllocTRES,ElapsedRaw,Submit"
 # sacct and squeue answer in well under a second; past this the controller or slurmdbd is
 # down or overloaded, and `launcher status` says so instead of hanging.
 QUERY_TIMEOUT_S = 20.0
@@ -106,13 +110,35 @@ def expand_array_id(job: str) -> list[str]:
     return out
 
 
-def parse_sacct(text: str) -> dict[str, dict[str, str]]:
-    """`sacct -X -P -n -o SACCT_FIELDS` lines -> job (or array task) id -> fields."""
-    states: dict[str, dict[str, str]] = {}
+def tres_count(tres: str, name: str) -> float:
+    """How many of one resource an AllocTRES holds: 'billing=8,cpu=8,gres/gpu=2,node=1' ->
+    8 for 'cpu', 2 for 'gres/gpu' (typed GPUs 'gres/gpu:a100=2' are summed when the untyped
+    total is missing)."""
+    total, typed = None, 0.0
+    for item in tres.split(","):
+        key, _, value = item.partition("=")
+        try:
+            count = float(value)
+        except ValueError:
+            continue
+        if key == name:
+            total = count
+        elif key.startswith(name + ":"):
+            typed += count
+    return total if total is not None else typed
+
+
+def parse_sacct(text: str) -> dict[str, dict[str, Any]]:
+    """`sacct -X -D -P -n -o SACCT_FIELDS` lines -> job (or array task) id -> fields of its
+    latest row, and under "usage" every row's (state, cpus, gpus, seconds, submit): with -D
+    a requeued job has one row per attempt, oldest first."""
+    states: dict[str, dict[str, Any]] = {}
+    width = len(SACCT_FIELDS.split(","))
     for line in text.splitlines():
         parts = line.split("|")
         if len(parts) < 6:
             continue
+        parts += [""] * (width - len(parts))
         info = {
             "state": (parts[1].split() or [""])[0],
             "reason": " ".join(parts[1].split()[1:]),  # "CANCELLED by 1000"
@@ -121,12 +147,24 @@ def parse_sacct(text: str) -> dict[str, dict[str, str]]:
             "end": parts[4],
             "nodes": parts[5],
         }
+        try:
+            seconds = max(0.0, float(parts[7]))
+        except ValueError:
+            seconds = 0.0
+        usage = {
+            "state": info["state"],
+            "cpus": tres_count(parts[6], "cpu"),
+            "gpus": tres_count(parts[6], "gres/gpu"),
+            "seconds": seconds,
+            "submit": parts[8].strip(),
+        }
         for job in expand_array_id(parts[0].strip()):
-            states[job] = info
+            rows = states.get(job, {}).get("usage", [])
+            states[job] = {**info, "usage": [*rows, usage]}
     return states
 
 
-def merge_squeue(states: dict[str, dict[str, str]], text: str) -> None:
+def merge_squeue(states: dict[str, dict[str, Any]], text: str) -> None:
     """`squeue -h -r -o %i|%T` lines win over sacct, which sees new jobs late, except over a
     cancellation sacct already has."""
     for line in text.splitlines():
@@ -144,7 +182,7 @@ def query_states(
     *,
     run: Runner = run_slurm_command,
     timeout_s: float = QUERY_TIMEOUT_S,
-) -> dict[str, dict[str, str]]:
+) -> dict[str, dict[str, Any]]:
     """ONE sacct call (plus one squeue, which sees new jobs before sacct) for all these jobs
     and array tasks ('A_i'). A Slurm that does not answer is one BackendError within
     `timeout_s` (both calls together)."""
@@ -153,7 +191,9 @@ def query_states(
         return {}
     ids = ",".join(bases)
     deadline = time.monotonic() + timeout_s
-    states = parse_sacct(run(["sacct", "-X", "-P", "-n", "-j", ids, "-o", SACCT_FIELDS], timeout_s))
+    # -D: every attempt's row of a requeued job, for the time lost to the earlier ones.
+    argv = ["sacct", "-X", "-D", "-P", "-n", "-j", ids, "-o", SACCT_FIELDS]
+    states = parse_sacct(run(argv, timeout_s))
     left = max(1.0, deadline - time.monotonic())
     try:
         queue = run(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T"], left)
@@ -235,12 +275,58 @@ def _rank_failed(run_dir: Path, failure: dict[str, Any]) -> str:
     )
 
 
-def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> None:
+# A row submitted this long before the run's record was written belongs to an older job that
+# had the same id (the controller's ids were reset); the record is written before sbatch.
+CLOCK_SLACK_S = 300
+
+
+def who_cancelled(reason: str) -> tuple[str, dict[str, Any] | None]:
+    """Slurm's "by 1000" -> ("by alice (uid 1000)", {"uid": 1000, "user": "alice"}); a uid
+    this host cannot name stays a uid ("by uid 1000"); other words are kept as they are."""
+    match = re.fullmatch(r"by (\d+)", reason.strip())
+    if not match:
+        return reason, None
+    uid = int(match.group(1))
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        user = None
+    text = f"by {user} (uid {uid})" if user else f"by uid {uid}"
+    return text, {"uid": uid, "user": user}
+
+
+def _submitted(stamp: str) -> dt.datetime | None:
+    try:  # sacct prints the controller's local time, without a zone
+        return dt.datetime.fromisoformat(stamp).astimezone()
+    except ValueError:
+        return None
+
+
+def slurm_cost(record: dict[str, Any], info: dict[str, Any], *, completed: bool) -> dict[str, Any]:
+    """The run's cost from sacct's rows of its job, one per attempt (`runs.cost_of`)."""
+    rows: list[dict[str, Any]] = list(info.get("usage") or [])
+    job_id = str(record.get("backend_info", {}).get("job_id", ""))
+    try:
+        created = dt.datetime.fromisoformat(str(record.get("created_at")))
+    except ValueError:
+        created = None
+    if created is not None and "_" not in job_id and len(rows) > 1:
+        # An array task's record is written when it starts, after its submission: only a
+        # single job's record predates every row of its own job.
+        since = created - dt.timedelta(seconds=CLOCK_SLACK_S)
+        ours = [r for r in rows if (t := _submitted(r["submit"])) is None or t >= since]
+        rows = ours or rows[-1:]
+    spans = [(float(r["cpus"]), float(r["gpus"]), float(r["seconds"])) for r in rows]
+    return runs.cost_of(spans, completed=completed, source="sacct AllocTRES x ElapsedRaw")
+
+
+def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, Any]) -> None:
     """Bring one run's record up to date with its Slurm job's state.
 
     COMPLETED needs every rank's exit file with 0 for the current attempt, or the run is
     FAILED; CANCELLED after `launcher cancel` says so; a failed run names its first failing
-    rank, or the ranks that never started."""
+    rank, or the ranks that never started. A cancelled run keeps who cancelled it, and a run
+    that ended its cost (AllocTRES x ElapsedRaw of every attempt, `slurm_cost`)."""
     slurm_state = info["state"].rstrip("+")
     state = launcher_state(slurm_state)
     if slurm_state == "PREEMPTED" and info.get("final"):
@@ -265,6 +351,8 @@ def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> 
                 "not requeued"
             )
         changes.update(state="CANCELLED", ended_at=ended, error=record.get("error") or default)
+        if info.get("reason"):
+            changes["slurm_reason"], changes["cancelled_by"] = who_cancelled(info["reason"])
     elif state in ("COMPLETED", "FAILED"):
         exits = read_exits(run_dir, restart)
         changes["exit_codes"] = {
@@ -292,4 +380,7 @@ def apply_state(run_dir: Path, record: dict[str, Any], info: dict[str, str]) -> 
             else:
                 error = slurm
             changes.update(state="FAILED", ended_at=ended, error=error)
+    if changes.get("state") in runs.FINAL_STATES and "cost" not in record:
+        # Once, from this same sacct answer: a final record is not asked about again.
+        changes["cost"] = slurm_cost(record, info, completed=changes["state"] == "COMPLETED")
     runs.update_record(run_dir, **changes)
