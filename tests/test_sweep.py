@@ -321,7 +321,7 @@ def test_local_sweep_runs_every_point_within_the_limit_then_reports(tiny, runs_d
     status = _sweep("status", "tiny", "--runs-dir", str(runs_dir))
     assert status.returncode == 0, status.stderr
     assert "6 points: 6 completed" in status.stdout
-    rows = [line.split() for line in status.stdout.splitlines()[2:]]
+    rows = [line.split() for line in status.stdout.splitlines()[2:8]]  # the 6 points
     losses = {(r[4], r[5]): float(r[6]) for r in rows}  # (X, seed) -> final loss
     assert losses[("0", "1")] == 5.0 and losses[("2", "0")] == 0.0
 
