@@ -256,3 +256,70 @@ def test_torchrun_is_not_immune_to_the_injected_race(tmp_path, holdwork):
             pass
     assert proc.returncode != 0, out
     assert "terminate called" in out and "SIGABRT" in out, out
+
+
+LIGHTNING_JOB = textwrap.dedent(
+    """\
+    import atexit, os, sys
+    import torch
+    import torch.distributed as dist
+    atexit.register(lambda: print("atexit ran, group up:", dist.is_initialized()))
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, _):
+            if os.environ["MODE"] == "raise":
+                raise ValueError("boom in training_step")
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy="ddp", max_steps=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=os.getcwd(),
+    )
+    trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+    print("fitted", trainer.global_step, "group up:", dist.is_initialized())
+    if os.environ["MODE"] == "exit3":
+        sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["returns", "exit3", "raise"])
+def test_a_lightning_script_leaves_the_runner_as_it_leaves_python(tmp_path, mode):
+    """A Lightning fit (ddp, gloo) leaves the runner as it leaves python: the same exit code
+    (0, sys.exit(3), 1 for an exception inside fit, its traceback printed), the same output,
+    atexit handlers run. (Lightning registers its own atexit teardown only for NCCL.)"""
+    pytest.importorskip("lightning")
+    script = tmp_path / "fit.py"
+    script.write_text(LIGHTNING_JOB)
+    seen = []
+    for how in ("python", "runner"):
+        cwd = tmp_path / how
+        cwd.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK"))}
+        env.update(MODE=mode, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        argv = [sys.executable, str(script)]
+        proc = subprocess.run(
+            rank_argv(argv) if how == "runner" else argv,
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        marks = [line for line in proc.stdout.splitlines() if "group up" in line]
+        seen.append((proc.returncode, marks, "ValueError: boom in training_step" in proc.stderr))
+    code = {"returns": 0, "exit3": 3, "raise": 1}[mode]
+    assert seen[0] == seen[1], seen
+    assert seen[1][0] == code, seen
+    fitted = [] if mode == "raise" else ["fitted 2 group up: True"]
+    assert seen[1][1:] == ([*fitted, "atexit ran, group up: True"], mode == "raise"), seen
