@@ -404,9 +404,6 @@ def new_record(
 # ---- What a run cost -------------------------------------------------------------------
 
 COST_NUMBERS = ("cpu_hours", "gpu_hours", "lost_cpu_hours", "lost_gpu_hours", "lost_share")
-# Backends whose records get their cost from the scheduler's own accounting when they end
-# (slurm/status.apply_state, from the sacct query it makes anyway); the others' from wall time.
-OWN_ACCOUNTING = ("slurm",)
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -455,9 +452,10 @@ def _seconds_between(start: object, end: object) -> float:
         return 0.0
 
 
-def _resources(run_dir: Path, backend: str, world: int) -> tuple[float, float]:
+def _resources(run_dir: Path, in_container: bool, world: int) -> tuple[float, float]:
     """(CPUs, GPUs) the run's processes held, from its resolved config.yaml (defaults when
-    it is missing or unreadable: one CPU per process, no GPU)."""
+    it is missing or unreadable: one CPU per process, no GPU); a container's own limits
+    (docker.cpus, docker.gpu_ids) when it ran in one."""
     import yaml
 
     config: Any = {}
@@ -478,7 +476,7 @@ def _resources(run_dir: Path, backend: str, world: int) -> tuple[float, float]:
 
     cpus = world * (number(res.get("cpus_per_proc")) or 1.0)
     gpus = number(res.get("gpus_per_node")) or 0.0
-    if backend == "docker":
+    if in_container:
         cpus = number(box.get("cpus")) or cpus
         ids = box.get("gpu_ids")
         gpus = gpus or float(len(ids) if isinstance(ids, list) else 0)
@@ -488,17 +486,20 @@ def _resources(run_dir: Path, backend: str, world: int) -> tuple[float, float]:
 def wall_cost(run_dir: str | Path, record: RunRecord) -> dict[str, Any]:
     """A local or Docker run's cost: its wall time (started_at to ended_at) x resources."""
     seconds = _seconds_between(record.get("started_at"), record.get("ended_at"))
-    cpus, gpus = _resources(Path(run_dir), record["backend"], int(record["world_size"] or 0))
+    info = record.get("backend_info") or {}
+    in_container = "container_name" in info or "container_id" in info
+    cpus, gpus = _resources(Path(run_dir), in_container, int(record["world_size"] or 0))
     completed = record["state"] == "COMPLETED"
     return cost_of([(cpus, gpus, seconds)], completed=completed, source="wall time x resources")
 
 
 def ensure_cost(run_dir: str | Path, record: RunRecord) -> RunRecord:
-    """The record with its "cost" once the run ended (computed once, then kept). Slurm's
-    comes from sacct when the run ends; a Slurm record without one is left as it is."""
+    """The record with its "cost" once the run ended (computed once, then kept). A
+    scheduler's job (a job id: Slurm) gets it from the scheduler's accounting when it ends
+    (slurm/status.apply_state); one without is left as it is."""
     if record.get("state") not in FINAL_STATES or "cost" in record:
         return record
-    if record.get("backend") in OWN_ACCOUNTING:
+    if (record.get("backend_info") or {}).get("job_id"):
         return record
     cost = wall_cost(run_dir, record)
     try:

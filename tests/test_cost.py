@@ -124,6 +124,8 @@ def _ended(tmp_path: Path, backend: str, state: str, config: dict) -> Path:
         state=state,
         started_at="2026-12-01T08:00:00+00:00",
         ended_at="2026-12-01T08:30:00+00:00",
+        # What the Docker backend records at start: the run's container has its own limits.
+        **({"backend_info": {"container_name": "launcher-R1"}} if backend == "docker" else {}),
     )
     return run_dir
 
