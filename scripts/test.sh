@@ -14,4 +14,4 @@ python3 -m ruff check .
 python3 -m ruff format --check .
 python3 -m mypy  # [tool.mypy] in pyproject.toml: the whole package, not strict
 # Two workers: Slurm tests mostly wait on the cluster while the rest use the CPUs.
-python3 -m pytest -q -ra -n 2 --dist loadgroup "$@"
+python3 -m pytest -q -ra -n 2 --dist loadgroup --durations=15 "$@"
