@@ -77,7 +77,9 @@ def _config(folder: Path, event: str, entry: str) -> Path:
             "nodes": 1,
             "procs_per_node": 2,
             "cpus_per_proc": 1,
-            "mem_gb": 2,
+            # 1 GB (not enforced here; a Lightning rank holds about 415 MB): two cells share a
+            # 4-CPU, 4000 MB node. 2 GB did not fit twice, so every cell had a node to itself.
+            "mem_gb": 1,
             # The time-limit cells stop at EndTime - signal_delay_s: 60 s (trainer) or 120 s
             # into each attempt.
             "time_min": (2 if entry == "trainer" else 3) if event == "timelimit" else 6,
@@ -179,15 +181,16 @@ def matrix(request, tmp_path_factory) -> dict:
     ]
     if any(entry == "trainer" for _, entry in cells):
         cells.append((None, "trainer"))
+    started = time.monotonic()
     with ThreadPoolExecutor(len(cells)) as pool:
         futures = {cell: pool.submit(_run_cell, base, *cell) for cell in cells}
-    _summary(base, futures)
+    _summary(base, futures, time.monotonic() - started)
     return futures
 
 
-def _summary(base: Path, futures: dict) -> None:
+def _summary(base: Path, futures: dict, wall_s: float) -> None:
     """One line per cell in <base>/matrix.txt (and on stdout): what the matrix saw."""
-    lines = []
+    lines = [f"matrix: {len(futures)} cells in {wall_s:.0f} s"]
     for (event, entry), future in futures.items():
         if future.exception() is not None:
             lines.append(f"{event}-{entry}: error {future.exception()!r}"[:400])
