@@ -293,7 +293,7 @@ LIGHTNING_JOB = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["returns", "exit3", "raise"])
+@pytest.mark.parametrize("mode", ["exit3", "raise"])
 def test_a_lightning_script_leaves_the_runner_as_it_leaves_python(tmp_path, mode):
     """A Lightning fit (ddp, gloo) leaves the runner as it leaves python: the same exit code
     (0, sys.exit(3), 1 for an exception inside fit, its traceback printed), the same output,
@@ -318,7 +318,7 @@ def test_a_lightning_script_leaves_the_runner_as_it_leaves_python(tmp_path, mode
         )
         marks = [line for line in proc.stdout.splitlines() if "group up" in line]
         seen.append((proc.returncode, marks, "ValueError: boom in training_step" in proc.stderr))
-    code = {"returns": 0, "exit3": 3, "raise": 1}[mode]
+    code = {"exit3": 3, "raise": 1}[mode]  # 0: the accelerate test and the matrix
     assert seen[0] == seen[1], seen
     assert seen[1][0] == code, seen
     fitted = [] if mode == "raise" else ["fitted 2 group up: True"]
