@@ -162,7 +162,10 @@ def test_failing_step_is_named_and_leaves_no_container(
         f"FROM {busybox_image}\nCOPY launcher/ /opt/launcher/\n"
         "RUN echo marker-output-before-failure && exit 7\n"
     )
-    before = len(docker_client.containers.list(all=True))
+    # The build's own containers: from busybox or an image on top of it (ancestor), so other
+    # tests' containers coming and going meanwhile do not count.
+    mine = {"ancestor": busybox_image}
+    before = {c.id for c in docker_client.containers.list(all=True, filters=mine)}
     spec = ImageSpec(repository="launcher-broken", dockerfile="docker/Broken.dockerfile")
     with pytest.raises(BackendError) as caught:
         build_image(spec, tree)
@@ -170,7 +173,8 @@ def test_failing_step_is_named_and_leaves_no_container(
     assert "step 3/3 (RUN echo marker-output-before-failure && exit 7)" in message
     assert "returned a non-zero code: 7" in message
     assert "| marker-output-before-failure" in message
-    assert len(docker_client.containers.list(all=True)) == before
+    after = {c.id for c in docker_client.containers.list(all=True, filters=mine)}
+    assert after <= before  # the failed step's container was removed
 
 
 def _index_reachable() -> bool:

@@ -144,7 +144,7 @@ class DockerBackend:
         )
         hw = container_hardware(spec, hardware or detect())
         nprocs = spec.resources.tasks_per_node
-        picks = pick_loader(hw, nprocs, spec.loader)
+        picks = pick_loader(hw, nprocs, spec.loader, trainer=spec.entrypoint.kind == "trainer")
         shm, shm_why = shm_plan(spec, picks)
         python = spec.entrypoint.python or IMAGE_PYTHON
         procs = process_table(

@@ -72,7 +72,7 @@ class LocalBackend:
             )
         hw = hardware or detect()
         nprocs = spec.resources.tasks_per_node
-        picks = pick_loader(hw, nprocs, spec.loader)
+        picks = pick_loader(hw, nprocs, spec.loader, trainer=spec.entrypoint.kind == "trainer")
         procs = process_table(
             spec,
             run_dir=run_dir,
