@@ -31,25 +31,34 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADD
 # python gives them). Standard library only: it runs under the job's interpreter, which may
 # not have launcher.
 RANK_MAIN = """\
-import atexit, builtins, gc, io, os, sys, threading, types
+import atexit, builtins, gc, io, os, runpy, sys, threading, types
 from importlib.machinery import SourceFileLoader
 sys.argv = sys.argv[1:]
-path = os.path.abspath(sys.argv[0])
+main = types.ModuleType("__main__")  # the globals python gives a script or a -m module
+main.__dict__["__builtins__"] = builtins
+if sys.argv[0] == "-m":  # python -m MODULE ARGS, as python runs it (sys.argv[0] its file)
+    del sys.argv[0]
+    sys.path[0] = os.getcwd()
+    sys.modules["__main__"] = main
+    source = None
+    run = lambda: runpy._run_module_as_main(sys.argv[0])
+else:
+    path = os.path.abspath(sys.argv[0])
+    try:
+        with io.open_code(path) as fh:
+            source = fh.read()
+    except OSError as exc:  # as python says it, with its exit code
+        print(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}",
+              file=sys.stderr)
+        os._exit(2)
+    del fh
+    sys.path[0] = os.path.dirname(os.path.realpath(path))  # as python sets it
+    main.__dict__.update(__file__=path, __cached__=None,
+                         __loader__=SourceFileLoader("__main__", path))
+    sys.modules["__main__"] = main
+    run = lambda: exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
 try:
-    with io.open_code(path) as fh:
-        source = fh.read()
-except OSError as exc:  # as python says it, with its exit code
-    print(f"{sys.executable}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}",
-          file=sys.stderr)
-    os._exit(2)
-sys.path[0] = os.path.dirname(os.path.realpath(path))  # as python sets it
-main = types.ModuleType("__main__")  # the globals python gives a script (__file__ absolute)
-main.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None,
-                     __loader__=SourceFileLoader("__main__", path))
-sys.modules["__main__"] = main
-del fh
-try:
-    exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
+    run()
     code = 0
 except SystemExit as exc:
     code = exc.code
@@ -60,7 +69,7 @@ main.__dict__.clear()  # as finalization does: the script's objects go, its file
 gc.collect()
 for kind in (io.TextIOBase, io.BufferedIOBase):  # files left open elsewhere: flushed
     for obj in gc.get_objects():
-        if isinstance(obj, kind):
+        if issubclass(type(obj), kind):  # type(): no __class__ lookup (it may warn)
             try:
                 obj.flush()
             except Exception:
@@ -79,9 +88,12 @@ os._exit((code or 0) & 0xFF)
 
 def rank_argv(argv: list[str]) -> list[str]:
     """What a rank really starts (local and Docker supervisor, Slurm's rank wrapper):
-    `python script.py ARGS` becomes `python -c RANK_MAIN script.py ARGS`; anything else
-    (`-m` modules, interpreter options, an executable) runs as planned."""
+    `python script.py ARGS` becomes `python -c RANK_MAIN script.py ARGS`, and `python -m
+    MODULE ARGS` (the built-in trainer, a callable) `python -c RANK_MAIN -m MODULE ARGS`;
+    anything else (interpreter options, an executable) runs as planned."""
     if len(argv) >= 2 and not argv[1].startswith("-") and argv[1].endswith(".py"):
+        return [argv[0], "-c", RANK_MAIN, *argv[1:]]
+    if len(argv) >= 3 and argv[1] == "-m":
         return [argv[0], "-c", RANK_MAIN, *argv[1:]]
     return argv
 
@@ -91,7 +103,7 @@ def exit_note(argv: list[str]) -> str | None:
     if rank_argv(argv) is argv:
         return None
     return (
-        "the script runs through launcher's exit runner (entrypoint.RANK_MAIN): threads "
+        "the rank runs through launcher's exit runner (entrypoint.RANK_MAIN): threads "
         "joined, atexit handlers, then os._exit, never interpreter finalization"
     )
 

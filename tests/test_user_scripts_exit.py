@@ -6,6 +6,7 @@ tests inject the gloo exit race that aborted ranks and show the runner survives 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,19 @@ CASES = {
         """
     ),
     "stdout-buffered": "import sys\nsys.stdout.write('no newline, no flush')",
+    # An object that warns when its __class__ is looked at, alive at exit (as torch's
+    # deprecated `torch.distributed.reduce_op`): python says nothing, so neither may the runner.
+    "warns-on-class": textwrap.dedent(
+        """\
+        import builtins, warnings
+        class Loud:
+            def __getattribute__(self, name):
+                if name == '__class__':
+                    warnings.warn('looked at', FutureWarning)
+                return object.__getattribute__(self, name)
+        builtins.kept = Loud()
+        """
+    ),
 }
 
 
@@ -105,6 +119,26 @@ def test_the_runner_leaves_as_python_does(tmp_path, case):
     assert results[0] == results[1]
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_runner_runs_a_module_as_python_m_does(tmp_path, case):
+    # The built-in trainer and callables start as `python -m MODULE`: the same cases, as a
+    # module in the working folder (both runs in that folder, one after the other).
+    (tmp_path / "jobmod.py").write_text(CASES[case] + "\n")
+    argv = [sys.executable, "-m", "jobmod", "--flag", "x"]
+    results = []
+    for run in (argv, rank_argv(argv)):
+        code, out, err, files = _run(run, tmp_path)
+        # The module's spec prints its loader's address, which differs between any two runs.
+        results.append((code, re.sub(r" at 0x[0-9a-f]+", "", out), err, files))
+        (tmp_path / "out.txt").unlink(missing_ok=True)
+    assert rank_argv(argv) != argv and results[0] == results[1]
+
+
+def test_a_missing_module_fails_as_python_m_does(tmp_path):
+    argv = [sys.executable, "-m", "no_such_module_here"]
+    assert _run(rank_argv(argv), tmp_path) == _run(argv, tmp_path)
+
+
 def test_what_the_runner_wraps():
     py = sys.executable
     assert rank_argv([py, "train.py", "--lr", "1"]) == [
@@ -115,7 +149,14 @@ def test_what_the_runner_wraps():
         "--lr",
         "1",
     ]
-    for argv in ([py, "-m", "launcher.runtime"], [py, "-u", "train.py"], ["./train"], [py]):
+    assert rank_argv([py, "-m", "launcher.runtime"]) == [
+        py,
+        "-c",
+        RANK_MAIN,
+        "-m",
+        "launcher.runtime",
+    ]
+    for argv in ([py, "-u", "train.py"], ["./train"], [py], [py, "-m"]):
         assert rank_argv(argv) == argv
         assert exit_note(argv) is None
     assert "os._exit" in (exit_note([py, "train.py"]) or "")
