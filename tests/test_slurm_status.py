@@ -372,14 +372,20 @@ def test_refresh_when_slurm_is_silent_raises_and_leaves_records_alone(tmp_path):
 
 # ---- cost: AllocTRES x ElapsedRaw of each attempt, from the same sacct rows ----
 
-NOW = dt.datetime.now().replace(microsecond=0)  # sacct prints the controller's local time
-S0, S1 = (NOW + dt.timedelta(seconds=5)).isoformat(), (NOW + dt.timedelta(seconds=60)).isoformat()
-# `sacct -X -D -P -n -o JobID,...,AllocTRES,ElapsedRaw,Submit` as Slurm 22.05 prints a job
-# that was requeued once and then completed (the shape seen on the local cluster).
-REQUEUED_THEN_DONE = f"""\
-106|REQUEUED|0:0|{T0}|{T0}|node1|billing=4,cpu=4,node=1|900|{S0}
-106|COMPLETED|0:0|{T0}|{T1}|node1|billing=4,cpu=4,node=1|2700|{S1}
-"""
+
+def _submit(after_s: float) -> str:
+    """A Submit stamp this long after now, as sacct prints it (the controller's local time,
+    no zone). Made when a test runs: the rows must be newer than the record it writes."""
+    return (dt.datetime.now().replace(microsecond=0) + dt.timedelta(seconds=after_s)).isoformat()
+
+
+def _requeued_then_done() -> str:
+    """`sacct -X -D -P -n -o JobID,...,AllocTRES,ElapsedRaw,Submit` as Slurm 22.05 prints a job
+    that was requeued once and then completed (the shape seen on the local cluster)."""
+    return (
+        f"106|REQUEUED|0:0|{T0}|{T0}|node1|billing=4,cpu=4,node=1|900|{_submit(5)}\n"
+        f"106|COMPLETED|0:0|{T0}|{T1}|node1|billing=4,cpu=4,node=1|2700|{_submit(60)}\n"
+    )
 
 
 def test_alloc_tres_counts():
@@ -390,7 +396,7 @@ def test_alloc_tres_counts():
 
 
 def test_every_attempt_row_is_kept_and_the_latest_decides_the_state():
-    info = parse_sacct(REQUEUED_THEN_DONE)["106"]
+    info = parse_sacct(_requeued_then_done())["106"]
     assert info["state"] == "COMPLETED" and info["end"] == T1
     assert [(u["state"], u["cpus"], u["seconds"]) for u in info["usage"]] == [
         ("REQUEUED", 4, 900),
@@ -403,7 +409,7 @@ def test_every_attempt_row_is_kept_and_the_latest_decides_the_state():
 def test_a_completed_run_after_a_requeue_lost_its_earlier_attempt(tmp_path):
     run_dir = _run(tmp_path, world=1)
     _exit(run_dir, 0, 0)
-    record = _apply(run_dir, REQUEUED_THEN_DONE)
+    record = _apply(run_dir, _requeued_then_done())
     cost = record["cost"]
     assert record["state"] == "COMPLETED"
     assert cost["cpu_hours"] == 4 * 3600 / 3600 and cost["lost_cpu_hours"] == 1.0
@@ -419,7 +425,7 @@ def test_a_failed_run_lost_all_it_held_gpus_first(tmp_path):
     _exit(run_dir, 0, 0)
     _exit(run_dir, 1, 3, node="node2")
     tres = "billing=16,cpu=16,gres/gpu=4,node=2"
-    record = _apply(run_dir, f"106|FAILED|3:0|{T0}|{T1}|node[1-2]|{tres}|1800|{S0}")
+    record = _apply(run_dir, f"106|FAILED|3:0|{T0}|{T1}|node[1-2]|{tres}|1800|{_submit(5)}")
     cost = record["cost"]
     assert (cost["cpu_hours"], cost["gpu_hours"]) == (8.0, 2.0)
     assert (cost["lost_cpu_hours"], cost["lost_gpu_hours"], cost["lost_share"]) == (8, 2, 1)
@@ -434,20 +440,22 @@ def test_an_older_job_with_the_same_id_is_not_counted(tmp_path):
     _exit(run_dir, 0, 0)
     old = "2025-01-01T00:00:00"
     lines = f"106|COMPLETED|0:0|{old}|{old}|node1|cpu=64,node=1|36000|{old}\n"
-    record = _apply(run_dir, lines + REQUEUED_THEN_DONE)
+    record = _apply(run_dir, lines + _requeued_then_done())
     assert (record["cost"]["cpu_hours"], record["cost"]["attempts"]) == (4.0, 2)
 
 
 def test_the_cost_is_written_once_when_the_run_ends(tmp_path):
     run_dir = _run(tmp_path, state="PENDING", world=1)
-    running = _apply(run_dir, f"106|RUNNING|0:0|{T0}|Unknown|node1|cpu=4,node=1|60|{S0}")
+    running = _apply(run_dir, f"106|RUNNING|0:0|{T0}|Unknown|node1|cpu=4,node=1|60|{_submit(5)}")
     assert "cost" not in running  # not final: nothing kept yet
     _exit(run_dir, 0, 0)
-    assert _apply(run_dir, REQUEUED_THEN_DONE)["cost"]["cpu_hours"] == 4.0
+    assert _apply(run_dir, _requeued_then_done())["cost"]["cpu_hours"] == 4.0
 
 
 def test_a_cancel_names_the_user_and_keeps_the_uid(tmp_path):
-    record = _apply(_run(tmp_path), f"113|CANCELLED by 0|0:15|{T0}|{T1}|node1|cpu=1|30|{S0}")
+    record = _apply(
+        _run(tmp_path), f"113|CANCELLED by 0|0:15|{T0}|{T1}|node1|cpu=1|30|{_submit(5)}"
+    )
     assert record["slurm_reason"] == "by root (uid 0)"
     assert record["cancelled_by"] == {"uid": 0, "user": "root"}
     assert record["cost"]["lost_share"] == 1.0  # it did not complete

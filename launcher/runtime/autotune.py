@@ -651,7 +651,7 @@ class LoaderTuner:
             full = whole // b if self.drop_last else math.ceil(whole / b)
             self.epoch_batches = full - full % self.accum
         pos = 0
-        if not self.races_done and not self._fits(self.slot_length(self.round_or_zero)):
+        if not self.races_done and not self._fits(self.slot_length(self.round)):
             for race in self.races:
                 race.stop(f"epochs of {self.epoch_batches} batches are too short to time a slot")
         while not self.races_done and self.window0 is None:
@@ -700,10 +700,6 @@ class LoaderTuner:
     def round(self) -> int:
         """The round in progress: the same on every node (rounds end together)."""
         return max(r.round for r in self.races if r.decided is None)
-
-    @property
-    def round_or_zero(self) -> int:
-        return self.round if not self.races_done else 0
 
     def _run(self, workers: int, indices: Sequence[int]) -> Generator[Any, None, float]:
         """Yield one slot's batches; return the seconds after its warm-up batches."""
