@@ -434,7 +434,8 @@ def cost_of(
         "gpu_hours": round(gpu_h, 6),
         "lost_cpu_hours": round(lost_cpu_h, 6),
         "lost_gpu_hours": round(lost_gpu_h, 6),
-        "lost_share": round(gone / held, 4) if held > 0 else 0.0,
+        # A run that did not complete lost all of it, even when the figures read 0 hours.
+        "lost_share": 1.0 if not completed else round(gone / held, 4) if held > 0 else 0.0,
         "attempts": len(attempts),
         "cpus": last[0],
         "gpus": last[1],
