@@ -50,6 +50,19 @@ def launcher_cmd(
     )
 
 
+def launcher_popen(*args: str, cwd: Path | str = ROOT) -> subprocess.Popen:
+    """`python -m launcher ARGS` in the background, in a session of its own (so a test can
+    send it Ctrl-C or kill its group), stdout and stderr merged."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"

@@ -15,7 +15,7 @@ import yaml
 
 from launcher import runs
 from launcher.backends.docker import LABEL
-from tests.conftest import ROOT, launcher_cmd
+from tests.conftest import ROOT, launcher_cmd, launcher_popen
 
 # One xdist worker runs every docker test, one after another (shared engine and image).
 pytestmark = [pytest.mark.docker, pytest.mark.xdist_group("docker")]
@@ -331,14 +331,7 @@ def _start_plain(project_image, runs_dir: Path, tmp_path: Path) -> tuple[subproc
         entrypoint={"script": "examples/plain_train.py", "args": PLAIN_ARGS},
         local={"stop_grace_s": 20},
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", str(cfg), f"runs_dir={runs_dir}"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = launcher_popen("run", str(cfg), f"runs_dir={runs_dir}")
     try:
         run_dir = _wait(lambda: list(runs.iter_run_dirs(runs_dir)), 60)[0]
         progress = run_dir / "progress.jsonl"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from launcher import runs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, launcher_popen
 from tests.test_user_scripts_local import _wait_for
 
 pytest.importorskip("accelerate")
@@ -57,14 +57,7 @@ def test_accelerate_example_saves_on_ctrl_c_and_resumes_to_the_end(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     first = _config(tmp_path / "first", ckpt, steps=1_000_000, step_s=0.05)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", str(first)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = launcher_popen("run", str(first))
     try:
         _wait_for(lambda: _events(ckpt), 180, "the start")
         run_dir = next(runs.iter_run_dirs(tmp_path / "first" / "runs"))

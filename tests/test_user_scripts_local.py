@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from launcher import runs
-from tests.conftest import ROOT, launcher_cmd
+from tests.conftest import ROOT, launcher_cmd, launcher_popen
 
 SAVER = "tests/jobs/save_on_stop.py"
 
@@ -46,14 +46,7 @@ def _wait_for(check, timeout: float, what: str):
 def _start(runs_dir: Path, cfg: Path, *extra: str) -> tuple[subprocess.Popen, Path]:
     """`launcher run` in the foreground, as the leader of its own process group (what a
     terminal makes of a command), once every rank has trained a step."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "run", str(cfg), f"runs_dir={runs_dir}", *extra],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = launcher_popen("run", str(cfg), f"runs_dir={runs_dir}", *extra)
     try:
         run_dir = _wait_for(lambda: list(runs.iter_run_dirs(runs_dir)), 60, "the run dir")[0]
         _wait_for(lambda: all((run_dir / f"ready-rank{r}").is_file() for r in (0, 1)), 120, "ranks")
