@@ -225,6 +225,21 @@ def stop_signal(spec: JobSpec, *, slurm_env: bool = False) -> str:
     return "TERM"
 
 
+def lightning_stop(spec: JobSpec, *, slurm_env: bool = False) -> bool:
+    """Does this job stop the Lightning way (`stop_signal` auto, a Lightning script, in a Slurm
+    job)? Then USR1 goes to global rank 0 alone and Slurm's own TERM is blocked in the ranks:
+    Lightning's USR1 and TERM handlers run a collective (a barrier after saving, a broadcast)
+    from inside the handler, wherever the rank is. A rank that handles it first while another
+    waits in the gradient all-reduce pairs a barrier with an all-reduce, and the ranks hang
+    before rank 0 saves (1 run in 2 under load). Rank 0 alone writes a DDP checkpoint: once it
+    handles USR1 it saves before any collective, the others train on until Slurm's SIGKILL.
+    An explicit `entrypoint.stop_signal: USR1` sends it to every rank (a strategy that saves
+    on every rank: FSDP, DeepSpeed)."""
+    return (
+        spec.entrypoint.stop_signal == "auto" and stop_signal(spec, slurm_env=slurm_env) == "USR1"
+    )
+
+
 def stop_grace_s(spec: JobSpec, default: float) -> float:
     """Seconds the processes get after the stop signal before SIGKILL: `entrypoint.stop_grace_s`,
     else the backend's `default`."""

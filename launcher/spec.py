@@ -36,7 +36,8 @@ class EntrypointSpec:
     # The signal every process gets before preemption and the time limit (Slurm), and on
     # `launcher cancel` / Ctrl-C (local, Docker), `stop_grace_s` before SIGKILL. auto: USR2
     # for the built-in trainer; on Slurm USR1 for a script that imports Lightning (its
-    # auto-requeue saves hpc_ckpt_*.ckpt and resumes from it); TERM otherwise.
+    # auto-requeue saves hpc_ckpt_*.ckpt and resumes from it; to global rank 0 alone, TERM
+    # blocked: `entrypoint.lightning_stop`); TERM otherwise. Written out: every rank.
     stop_signal: Literal["auto", "TERM", "USR1", "USR2", "INT"] = "auto"
     # Seconds to save after the stop signal; null: slurm.signal_delay_s - 10 (at least 10)
     # before the time limit on Slurm (preemption: the partition's GraceTime), and

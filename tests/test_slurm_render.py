@@ -234,6 +234,16 @@ def test_stop_signal_auto_reads_the_script_imports(tmp_path, source, signal_name
     assert stop_signal(spec) == "TERM"  # off Slurm Lightning has no USR1 handler
     step = BACKEND.plan(spec, run_id="R", run_dir=tmp_path / "run", config_file=None).payload.step
     assert step is not None and f"--stop-signal={signal_name}" in step
+    # Lightning's stop: USR1 to rank 0 alone, Slurm's TERM blocked (test_rank_wrapper_lightning)
+    assert (("--stop-ranks=first" in step) and ("--block-term" in step)) == (signal_name == "USR1")
+    if signal_name == "USR1":
+        given = config.load(
+            ROOT / "configs/slurm-2nodes.yaml",
+            [f"workdir={tmp_path}", "entrypoint.script=train.py", "entrypoint.stop_signal=USR1"],
+        ).spec
+        plan = BACKEND.plan(given, run_id="R", run_dir=tmp_path / "run", config_file=None)
+        assert plan.payload.step is not None and "--stop-signal=USR1" in plan.payload.step
+        assert "--block-term" not in plan.payload.step  # written out: every rank gets it
 
 
 def test_stop_signal_for_the_trainer_and_a_written_out_one(tmp_path):
@@ -337,3 +347,54 @@ def test_rank_wrapper_sends_one_stop_signal_and_drops_repeats(tmp_path):
     exit_file = json.loads((run_dir / "exits" / "rank0.json").read_text())
     assert exit_file["exit_code"] == 75 and exit_file["stop_signal"] == "USR1"
     assert exit_file["stopped_by"] == "SIGTERM"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_rank_wrapper_lightning_stop(tmp_path, rank):
+    """Lightning's stop (`--stop-ranks=first --block-term`): the script starts with TERM
+    blocked, so a TERM sent to it (Slurm's, at preemption's end or an administrator's requeue)
+    stays pending instead of starting Lightning's handler; the host's stop file makes the
+    wrapper send USR1 to rank 0 alone."""
+    import signal as sig
+    import time as t
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os, signal, sys, time, pathlib\n"
+        "out = pathlib.Path(sys.argv[1])\n"
+        "got = []\n"
+        "for s in (signal.SIGUSR1, signal.SIGTERM):\n"
+        "    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))\n"
+        "status = pathlib.Path('/proc/self/status').read_text()\n"
+        "blocked = int(status.split('SigBlk:')[1].split()[0], 16)\n"
+        "(out / 'blocked').write_text(str(bool(blocked & (1 << (signal.SIGTERM - 1)))))\n"
+        "(out / 'pid').write_text(str(os.getpid()))\n"
+        "end = time.monotonic() + 4\n"
+        "while time.monotonic() < end: time.sleep(0.05)\n"
+        "(out / 'got').write_text(','.join(got))\n"
+    )
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    env = {**os.environ, "LAUNCHER_RUN_DIR": str(run_dir), "SLURM_PROCID": rank}
+    env.pop("SLURM_RESTART_COUNT", None)
+    argv = [sys.executable, "-m", "launcher.backends.slurm.rank", "--stop-signal=USR1"]
+    proc = subprocess.Popen(
+        [*argv, "--stop-ranks=first", "--block-term", "--", sys.executable, str(script)]
+        + [str(tmp_path)],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = t.monotonic() + 60
+    while not (tmp_path / "pid").exists():
+        assert t.monotonic() < deadline and proc.poll() is None
+        t.sleep(0.05)
+    os.kill(int((tmp_path / "pid").read_text()), sig.SIGTERM)  # Slurm's TERM, straight to it
+    (run_dir / "stop-restart0").write_text("1")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert (tmp_path / "blocked").read_text() == "True"
+    assert (tmp_path / "got").read_text() == ("SIGUSR1" if rank == "0" else ""), stderr
+    exit_file = json.loads((run_dir / "exits" / f"rank{rank}.json").read_text())
+    assert exit_file["exit_code"] == 0 and exit_file["stopped_by"] == "SIGUSR2"

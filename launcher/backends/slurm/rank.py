@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from launcher.entrypoint import rank_argv
 
@@ -185,14 +186,42 @@ def _log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> str:
     return " | ".join("".join(c if c.isprintable() else "?" for c in x)[:300] for x in kept)
 
 
-def _parse(argv: list[str]) -> tuple[str, list[str]] | None:
-    stop = "TERM"
+class Options(NamedTuple):
+    stop: str  # the signal's name, without SIG
+    first_only: bool  # --stop-ranks=first: only global rank 0 gets it (Lightning)
+    block_term: bool  # --block-term: the child starts with TERM blocked (Lightning)
+    argv: list[str]
+
+
+def _parse(argv: list[str]) -> Options | None:
+    stop, first_only, block_term = "TERM", False, False
     while argv and argv[0] != "--":
         flag, _, value = argv[0].partition("=")
-        if flag != "--stop-signal" or value not in STOP_SIGNALS:
+        if flag == "--stop-signal" and value in STOP_SIGNALS:
+            stop = value
+        elif flag == "--stop-ranks" and value in ("all", "first"):
+            first_only = value == "first"
+        elif argv[0] == "--block-term":
+            block_term = True
+        else:
             return None
-        stop, argv = value, argv[1:]
-    return (stop, argv[1:]) if argv[:1] == ["--"] and argv[1:] else None
+        argv = argv[1:]
+    if argv[:1] != ["--"] or not argv[1:]:
+        return None
+    return Options(stop, first_only, block_term, argv[1:])
+
+
+def _start(argv: list[str], env: dict[str, str], block_term: bool) -> subprocess.Popen:
+    """The child, with SIGTERM blocked when asked: a blocked signal stays blocked across exec
+    and in every thread the child starts, and Lightning's `signal.signal` cannot undo it (it
+    would undo SIG_IGN), so Slurm's TERM stays pending until SIGKILL ends the step."""
+    if not block_term:
+        return subprocess.Popen(argv, env=env)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return subprocess.Popen(argv, env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a TERM meanwhile arrives now
 
 
 def _loader_picks(env: dict[str, str]) -> dict[str, str]:
@@ -207,14 +236,15 @@ def _loader_picks(env: dict[str, str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parsed = _parse(sys.argv[1:] if argv is None else argv)
-    if parsed is None:
+    opts = _parse(sys.argv[1:] if argv is None else argv)
+    if opts is None:
         print(
-            f"usage: rank.py [--stop-signal={'|'.join(STOP_SIGNALS)}] -- COMMAND...",
+            f"usage: rank.py [--stop-signal={'|'.join(STOP_SIGNALS)}] [--stop-ranks=all|first]"
+            " [--block-term] -- COMMAND...",
             file=sys.stderr,
         )
         return 2
-    stop_name, argv = parsed
+    stop_name, argv = opts.stop, opts.argv
     stop = getattr(signal, f"SIG{stop_name}")
     env = dict(os.environ)
     env.update(dist_env_from_slurm(env))
@@ -226,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = env["RANK"]
     started = time.time()
     try:
-        child = subprocess.Popen(rank_argv(argv), env=env)
+        child = _start(rank_argv(argv), env, opts.block_term)
     except OSError as exc:
         # Reported like any exit, so the run names this rank and why instead of "never ran".
         print(f"launcher: cannot start {argv[0]}: {exc}", file=sys.stderr)
@@ -240,9 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         if child.poll() is not None:
             return
         if asked:
-            print(f"launcher: rank {rank}: {name} again; SIG{stop_name} was sent", file=sys.stderr)
+            print(f"launcher: rank {rank}: {name} again; the stop was passed on", file=sys.stderr)
             return
         asked.append(name)
+        if opts.first_only and rank != "0":
+            print(
+                f"launcher: rank {rank}: {name}: rank 0 saves; this rank works on until the end",
+                file=sys.stderr,
+            )
+            return
         print(f"launcher: rank {rank}: {name} -> SIG{stop_name} to the script", file=sys.stderr)
         child.send_signal(stop)
 

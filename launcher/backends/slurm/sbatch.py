@@ -36,7 +36,14 @@ from typing import Any
 
 from launcher.backends.base import SlurmPayload
 from launcher.backends.slurm import container
-from launcher.entrypoint import entry_argv, exit_note, job_env, stop_grace_s, stop_signal
+from launcher.entrypoint import (
+    entry_argv,
+    exit_note,
+    job_env,
+    lightning_stop,
+    stop_grace_s,
+    stop_signal,
+)
 from launcher.errors import ConfigError
 from launcher.spec import JobSpec
 
@@ -206,11 +213,15 @@ def rank_wrapper(spec: JobSpec) -> list[str]:
     `exec`s it too), never the job's, which needs only what the script imports; inside a
     container, the image's python (the project image has launcher)."""
     python = spec.slurm.container.python if spec.slurm.container else sys.executable
+    lightning = (
+        ["--stop-ranks=first", "--block-term"] if lightning_stop(spec, slurm_env=True) else []
+    )
     return [
         python,
         "-m",
         "launcher.backends.slurm.rank",
         f"--stop-signal={stop_signal(spec, slurm_env=True)}",
+        *lightning,
         "--",
     ]
 
@@ -480,9 +491,15 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
     ]
     sig = stop_signal(spec, slurm_env=True)
+    who = (
+        "global rank 0 gets SIGUSR1 (Lightning's handler saves hpc_ckpt; Slurm's TERM is "
+        "blocked in the ranks)"
+        if lightning_stop(spec, slurm_env=True)
+        else f"every rank gets SIG{sig}"
+    )
     lines += [
         "# and starts this job step from the batch shell (first node). Before preemption and "
-        f"the time limit every rank gets SIG{sig}",
+        f"the time limit {who}",
         f"# and {grace_s(spec):g} s to save (preemption: the partition's "
         f"GraceTime); then the job is requeued, at most {spec.slurm.max_requeue} times:",
         "MASTER_ADDR=$SLURMD_NODENAME MASTER_PORT=<free port> " + shlex.join(payload.step or []),
