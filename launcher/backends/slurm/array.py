@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from launcher import runs
-from launcher.backends.base import Plan, SlurmPayload
+from launcher.backends.base import Plan
 from launcher.backends.slurm import status
+from launcher.backends.slurm.sbatch import check as sbatch_check
 from launcher.backends.slurm.sbatch import (
-    USR_SIG,
     executor_params,
     render_sbatch,
     step_mode,
     submitit_python,
+    task_lines,
 )
-from launcher.backends.slurm.sbatch import check as sbatch_check
 from launcher.errors import BackendError, ConfigError
 from launcher.spec import JobSpec
 
@@ -171,26 +171,7 @@ class SlurmArrays:
 
     def render_task(self, plan: Plan[Any]) -> str:
         """From the plan's payload: the task's environment and the step it starts."""
-        payload: SlurmPayload = plan.payload
-        spec = plan.spec
-        lines = [
-            "# the pickled task runs with this environment:",
-            *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
-        ]
-        if payload.step:
-            lines += [
-                "# and starts this job step from the batch shell (first node); it forwards "
-                f"{USR_SIG} to the ranks and requeues (at most {spec.slurm.max_requeue} times):",
-                "MASTER_ADDR=$SLURMD_NODENAME MASTER_PORT=<free port> " + shlex.join(payload.step),
-                "# every task sets RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID "
-                "WORLD_SIZE=$SLURM_NTASKS LOCAL_WORLD_SIZE and keeps SLURM_*",
-            ]
-        else:
-            lines.append(
-                f"# every task calls {spec.entrypoint.callable}(spec) with RANK, "
-                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT exported"
-            )
-        return "\n".join(lines)
+        return "\n".join(task_lines(plan.spec, plan.payload))
 
     def submit(
         self,

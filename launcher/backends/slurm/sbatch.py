@@ -487,9 +487,13 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         payload.script.rstrip("\n"),
         "# ---- end of sbatch script ----",
         *([f"# {container.describe(spec)}"] if spec.slurm.container else []),
-        "# the pickled task runs with this environment:",
-        *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
     ]
+    return "\n".join(lines + task_lines(spec, payload))
+
+
+def task_lines(spec: JobSpec, payload: SlurmPayload) -> list[str]:
+    """The dry-run lines of what the pickled task does: its environment, the srun step it
+    starts, the stop its ranks get (a run's plan and a sweep's array task show the same)."""
     sig = stop_signal(spec, slurm_env=True)
     who = (
         "global rank 0 gets SIGUSR1 (Lightning's handler saves hpc_ckpt; Slurm's TERM is "
@@ -497,7 +501,9 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
         if lightning_stop(spec, slurm_env=True)
         else f"every rank gets SIG{sig}"
     )
-    lines += [
+    lines = [
+        "# the pickled task runs with this environment:",
+        *(f"export {k}={shlex.quote(v)}" for k, v in payload.env.items()),
         "# and starts this job step from the batch shell (first node). Before preemption and "
         f"the time limit {who}",
         f"# and {grace_s(spec):g} s to save (preemption: the partition's "
@@ -510,4 +516,4 @@ def render_text(spec: JobSpec, run_dir: Path, payload: SlurmPayload) -> str:
     note = exit_note(entry_argv(spec, None))
     if note:
         lines.append(f"# and in every task {note}")
-    return "\n".join(lines)
+    return lines
