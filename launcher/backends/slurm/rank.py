@@ -23,7 +23,10 @@ requeue, the host task's stop file before the time limit and at preemption, INT,
 reaches the child as ONE signal, `--stop-signal` (`entrypoint.stop_signal`: USR1 for
 Lightning, TERM for plain scripts, USR2 for the built-in trainer), once per attempt. Slurm's
 own TERM also reaches the script directly (Slurm signals every process of a step), so a
-script must not die of TERM before it saved; repeats from here are dropped.
+script must not die of TERM before it saved; repeats from here are dropped. A Lightning script
+(`entrypoint.lightning_stop`: `--stop-ranks=first --block-term`) starts with TERM blocked and
+only global rank 0 gets USR1: Lightning's handlers run collectives, and a rank out of step
+would pair them with another rank's all-reduce.
 `<run_dir>/bin` goes first on the child's PATH: its `scontrol` turns a rank's
 `scontrol requeue <this job>` (Lightning's auto-requeue) into a request that the host task
 carries out, so the job has one requeuer.
