@@ -164,33 +164,91 @@ def job_env(spec: JobSpec, *, run_dir: Path | str, picks: LoaderPicks | None) ->
 # Imports that mean "a Lightning Trainer script": its auto-requeue listens for SIGUSR1 on Slurm
 # (lightning.fabric alone has no such handler).
 _LIGHTNING = ("pytorch_lightning", "lightning.pytorch")
+# ... when the same file also names one of these: a script that takes only a helper from
+# Lightning (`from lightning.pytorch import seed_everything`) and saves on SIGTERM itself must
+# get TERM (USR1 would kill it).
+_TRAINER_NAMES = ("Trainer", "LightningCLI")
+# At most this many of the project's own files are read to find a Lightning Trainer.
+LIGHTNING_SCAN_FILES = 64
 
 
-def imports_lightning(path: str | Path) -> bool:
-    """Does this Python file import Lightning's Trainer package? Parsed with `ast`, never run;
-    False when the file cannot be read or parsed."""
+def _imported(node: object) -> list[str]:
+    """The module names an import statement brings in, as Lightning detection sees them."""
     import ast
 
-    try:
-        tree = ast.parse(Path(path).read_bytes())
-    except (OSError, SyntaxError, ValueError):
-        return False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module == "lightning":
-                # `from lightning import Trainer` is the Trainer; `... import fabric` is not.
-                names = [f"lightning.{a.name}" for a in node.names]
-                names = [n for n in names if n != "lightning.fabric"] or ["lightning.fabric"]
-                names = ["lightning.pytorch" if n != "lightning.fabric" else n for n in names]
-            else:
-                names = [node.module]
-        else:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        if node.module == "lightning":
+            # `from lightning import Trainer` is the Trainer; `... import fabric` is not.
+            names = [f"lightning.{a.name}" for a in node.names]
+            names = [n for n in names if n != "lightning.fabric"] or ["lightning.fabric"]
+            return ["lightning.pytorch" if n != "lightning.fabric" else n for n in names]
+        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    return []
+
+
+def _local_files(node: object, here: Path, roots: list[Path]) -> list[Path]:
+    """The project's own files an import statement may load (found under `roots`, or next to
+    `here` for a relative import); never anything installed."""
+    import ast
+
+    names: list[str] = []
+    bases = roots
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+        module = node.module or ""
+        names = [module, *(f"{module}.{a.name}" if module else a.name for a in node.names)]
+        if node.level:
+            base = here.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            bases = [base]
+    found = []
+    for name in filter(None, names):
+        rel = Path(*name.split("."))
+        for base in bases:
+            for candidate in (base / f"{rel}.py", base / rel / "__init__.py"):
+                if candidate.is_file():
+                    found.append(candidate)
+    return found
+
+
+def imports_lightning(path: str | Path, roots: list[Path] | None = None) -> bool:
+    """Does this Python file, or a module of the project's own that it imports (found under
+    `roots`, and next to the file; at most LIGHTNING_SCAN_FILES files), run Lightning's
+    Trainer: import Lightning's Trainer package and name `Trainer` (or `LightningCLI`) in the
+    same file? Parsed with `ast`, never run; a file that cannot be read or parsed counts as
+    not."""
+    import ast
+
+    start = Path(path)
+    roots = [start.parent, *(roots or [])]
+    queue, seen = [start], set[Path]()
+    while queue and len(seen) < LIGHTNING_SCAN_FILES:
+        current = queue.pop(0)
+        key = current.resolve()
+        if key in seen:
             continue
-        for name in names:
-            if name == "lightning" or name.startswith(_LIGHTNING):
-                return True
+        seen.add(key)
+        try:
+            tree = ast.parse(current.read_bytes())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        lightning = trainer = False
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name | ast.Attribute | ast.alias):
+                named = getattr(node, "id", None) or getattr(node, "attr", None)
+                named = named or getattr(node, "name", "").rpartition(".")[2]
+                trainer = trainer or named in _TRAINER_NAMES
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            for name in _imported(node):
+                lightning = lightning or name == "lightning" or name.startswith(_LIGHTNING)
+            queue += _local_files(node, current, roots)
+        if lightning and trainer:
+            return True
     return False
 
 
@@ -220,7 +278,7 @@ def stop_signal(spec: JobSpec, *, slurm_env: bool = False) -> str:
     if ep.kind == "trainer":
         return "USR2"
     found = entry_file(spec)
-    if slurm_env and found is not None and imports_lightning(found):
+    if slurm_env and found is not None and imports_lightning(found, [Path(spec.workdir or ".")]):
         return "USR1"
     return "TERM"
 

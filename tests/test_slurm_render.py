@@ -213,10 +213,14 @@ def test_sbatch_test_only_accepts_every_example_config(tmp_path):
 @pytest.mark.parametrize(
     ("source", "signal_name"),
     [
-        ("import lightning as L\n", "USR1"),
+        ("import lightning as L\ntrainer = L.Trainer()\n", "USR1"),
         ("from lightning import Trainer\n", "USR1"),
         ("from lightning.pytorch import Trainer\n", "USR1"),
-        ("import pytorch_lightning as pl\n", "USR1"),
+        ("import pytorch_lightning as pl\npl.Trainer()\n", "USR1"),
+        ("from lightning.pytorch.cli import LightningCLI\nLightningCLI()\n", "USR1"),
+        # a helper from Lightning, not its Trainer: the script saves on TERM itself
+        ("from lightning.pytorch import seed_everything\nseed_everything(0)\n", "TERM"),
+        ("import lightning\n", "TERM"),
         ("from lightning.fabric import Fabric\n", "TERM"),  # no auto-requeue handler
         ("import torch\n", "TERM"),
         ("import lightning(\n", "TERM"),  # does not parse: never run, just TERM
@@ -244,6 +248,60 @@ def test_stop_signal_auto_reads_the_script_imports(tmp_path, source, signal_name
         plan = BACKEND.plan(given, run_id="R", run_dir=tmp_path / "run", config_file=None)
         assert plan.payload.step is not None and "--stop-signal=USR1" in plan.payload.step
         assert "--block-term" not in plan.payload.step  # written out: every rank gets it
+
+
+@pytest.mark.parametrize(
+    ("files", "signal_name"),
+    [
+        # train.py imports the project's own module, which imports Lightning
+        (
+            {
+                "train.py": "from mytrainer import fit\n",
+                "mytrainer.py": "import lightning as L\nL.Trainer()\n",
+            },
+            "USR1",
+        ),
+        (
+            {
+                "train.py": "import pkg.loop\n",
+                "pkg/__init__.py": "",
+                "pkg/loop.py": "from lightning.pytorch import Trainer\n",
+            },
+            "USR1",
+        ),
+        (
+            {
+                "train.py": "from pkg import loop\n",
+                "pkg/__init__.py": "",
+                "pkg/loop.py": "from . import deep\n",
+                "pkg/deep.py": "import pytorch_lightning\npytorch_lightning.Trainer()\n",
+            },
+            "USR1",
+        ),
+        # under workdir, not next to the script (the callable's and -m's sys.path)
+        (
+            {
+                "scripts/train.py": "import common\n",
+                "common.py": "import lightning\nlightning.Trainer\n",
+            },
+            "USR1",
+        ),
+        ({"train.py": "import mytools\n", "mytools.py": "import torch\n"}, "TERM"),
+        ({"train.py": "import a\n", "a.py": "import b\n", "b.py": "import a\n"}, "TERM"),  # a cycle
+    ],
+)
+def test_stop_signal_auto_follows_the_projects_own_imports(tmp_path, files, signal_name):
+    from launcher.entrypoint import stop_signal
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    script = next(name for name in files if name.endswith("train.py"))
+    spec = config.load(
+        ROOT / "configs/slurm-2nodes.yaml",
+        [f"workdir={tmp_path}", f"entrypoint.script={script}", "entrypoint.args=[]"],
+    ).spec
+    assert stop_signal(spec, slurm_env=True) == signal_name
 
 
 def test_stop_signal_for_the_trainer_and_a_written_out_one(tmp_path):

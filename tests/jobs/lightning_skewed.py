@@ -3,7 +3,8 @@
 gradient all-reduce when a stop signal comes: the case in which a Lightning handler that runs
 a collective on the slow rank hangs both ranks before rank 0 saved.
 
-Imports Lightning itself, so launcher picks the Lightning stop for it, as for any such script.
+It names Lightning's Trainer itself, so launcher picks the Lightning stop for it, as for
+any Trainer script.
 """
 
 import os
@@ -11,7 +12,7 @@ import runpy
 import sys
 from pathlib import Path
 
-import lightning.pytorch  # noqa: F401  (what launcher's auto stop signal looks for)
+from lightning.pytorch import Trainer  # noqa: F401  (what launcher's auto stop looks for)
 
 args = sys.argv[1:]
 if "--step-s" in args:
