@@ -268,6 +268,12 @@ def _check(matrix: dict, event: str, entry: str) -> None:
         theirs = ckpt.load_latest(reference["run_dir"] / "checkpoints")[1]["model"]
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "not bitwise equal"
         return
+    if entry.startswith("lightning"):
+        # Rank 0's wrapper saw the hpc_ckpt and told the host task, which stopped waiting out
+        # the grace (Lightning's own `scontrol requeue` comes after a barrier that hangs).
+        lines = (result["run_dir"] / "attempts.jsonl").read_text().splitlines()
+        told = [json.loads(x) for x in lines if '"asked_by_ranks"' in x]
+        assert any(0 in e["asked_by_ranks"] for e in told), lines
     starts = [e for e in progress if e["event"] == "start"]
     assert len(starts) == events + 1, progress
     assert starts[0]["step"] == 0 and all(s["step"] > 0 for s in starts[1:]), progress

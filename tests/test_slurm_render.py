@@ -421,8 +421,13 @@ def test_rank_wrapper_lightning_stop(tmp_path, rank):
         "import os, signal, sys, time, pathlib\n"
         "out = pathlib.Path(sys.argv[1])\n"
         "got = []\n"
+        "def handler(n, f):\n"
+        "    got.append(signal.Signals(n).name)\n"
+        "    if n == signal.SIGUSR1:  # as Lightning does: a checkpoint in the cwd, atomically\n"
+        "        pathlib.Path('.tmp.ckpt').write_text('x')\n"
+        "        os.replace('.tmp.ckpt', 'hpc_ckpt_2.ckpt')\n"
         "for s in (signal.SIGUSR1, signal.SIGTERM):\n"
-        "    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))\n"
+        "    signal.signal(s, handler)\n"
         "status = pathlib.Path('/proc/self/status').read_text()\n"
         "blocked = int(status.split('SigBlk:')[1].split()[0], 16)\n"
         "(out / 'blocked').write_text(str(bool(blocked & (1 << (signal.SIGTERM - 1)))))\n"
@@ -433,14 +438,18 @@ def test_rank_wrapper_lightning_stop(tmp_path, rank):
     )
     run_dir = tmp_path / "run"
     (run_dir / "logs").mkdir(parents=True)
+    work = tmp_path / "work"  # the script's cwd: Lightning's default_root_dir by default
+    work.mkdir()
+    (work / "hpc_ckpt_1.ckpt").write_text("from an earlier attempt")
     env = {**os.environ, "LAUNCHER_RUN_DIR": str(run_dir), "SLURM_PROCID": rank}
     env.pop("SLURM_RESTART_COUNT", None)
+    env["PYTHONPATH"] = str(ROOT)
     argv = [sys.executable, "-m", "launcher.backends.slurm.rank", "--stop-signal=USR1"]
     proc = subprocess.Popen(
         [*argv, "--stop-ranks=first", "--block-term", "--", sys.executable, str(script)]
         + [str(tmp_path)],
         env=env,
-        cwd=ROOT,
+        cwd=work,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -456,3 +465,8 @@ def test_rank_wrapper_lightning_stop(tmp_path, rank):
     assert (tmp_path / "got").read_text() == ("SIGUSR1" if rank == "0" else ""), stderr
     exit_file = json.loads((run_dir / "exits" / f"rank{rank}.json").read_text())
     assert exit_file["exit_code"] == 0 and exit_file["stopped_by"] == "SIGUSR2"
+    # Rank 0 saw the new checkpoint and asked the host task, as Lightning's own `scontrol
+    # requeue` would had its barrier passed; the old one did not count.
+    request = run_dir / "requeue" / f"rank{rank}-restart0"
+    assert request.exists() == (rank == "0"), stderr
+    assert ("saved " + str(work / "hpc_ckpt_2.ckpt")) in stderr or rank != "0", stderr

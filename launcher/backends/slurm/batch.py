@@ -296,7 +296,7 @@ class StepTask(submitit.helpers.Checkpointable):
         deadline = time.monotonic() + self.grace_s
         while proc is not None and proc.poll() is None and time.monotonic() < deadline:
             if requeue_requests(run_dir, restart):
-                break  # saved (Lightning asks after its checkpoint); the requeue stops it
+                break  # saved (Lightning, or its rank 0 wrapper, asks after its checkpoint)
             time.sleep(0.1)
         asked = requeue_requests(run_dir, restart)
         by_rank = {"asked_by_ranks": asked} if asked else {}

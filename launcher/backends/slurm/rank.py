@@ -26,7 +26,9 @@ own TERM also reaches the script directly (Slurm signals every process of a step
 script must not die of TERM before it saved; repeats from here are dropped. A Lightning script
 (`entrypoint.lightning_stop`: `--stop-ranks=first --block-term`) starts with TERM blocked and
 only global rank 0 gets USR1: Lightning's handlers run collectives, and a rank out of step
-would pair them with another rank's all-reduce.
+would pair them with another rank's all-reduce. Its wrapper then watches for the new
+hpc_ckpt_N.ckpt (in the run dir and the script's cwd) and, once it is there, writes the same
+requeue request the shim would: Lightning's own comes after a barrier that never passes.
 `<run_dir>/bin` goes first on the child's PATH: its `scontrol` turns a rank's
 `scontrol requeue <this job>` (Lightning's auto-requeue) into a request that the host task
 carries out, so the job has one requeuer.
@@ -64,6 +66,10 @@ REQUEUE_DIR = "requeue"
 STOP_FILE = "stop-restart{restart}"
 # Lines of the rank's log kept in its exit file when it failed (the status shows them).
 ERROR_TAIL_LINES = 3
+# What Lightning's USR1 handler writes, atomically (an fsspec transaction), in its
+# default_root_dir (the working directory unless set), before a barrier the other ranks,
+# never signalled, do not join: its `scontrol requeue` after that barrier does not come.
+HPC_CKPT = re.compile(r"hpc_ckpt_\d+\.ckpt")
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -227,6 +233,33 @@ def _start(argv: list[str], env: dict[str, str], block_term: bool) -> subprocess
         signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a TERM meanwhile arrives now
 
 
+def _hpc_checkpoints(folders: list[str]) -> set[tuple[str, int]]:
+    """(path, mtime) of the Lightning HPC checkpoints in these folders."""
+    found = set()
+    for folder in dict.fromkeys(folders):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if HPC_CKPT.fullmatch(entry.name):
+                try:
+                    found.add((entry.path, entry.stat().st_mtime_ns))
+                except OSError:
+                    pass
+    return found
+
+
+def request_requeue(run_dir: str | Path, rank: str, restart: str) -> None:
+    """The request the `scontrol` shim writes for a rank (`<run_dir>/requeue/rank<N>-restart<R>`):
+    the host task ends the grace and requeues once (or leaves it to Slurm)."""
+    folder = Path(run_dir) / REQUEUE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank{rank}-restart{restart}.tmp"
+    tmp.write_text(f"{int(time.time())}\n")
+    os.replace(tmp, folder / f"rank{rank}-restart{restart}")
+
+
 def _loader_picks(env: dict[str, str]) -> dict[str, str]:
     """Loader picks for this task's hardware; none when launcher cannot be imported here (a
     container's python: scripts choose their own loaders, the built-in trainer picks itself)."""
@@ -267,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
             write_exit(run_dir, env, 127, started, error=f"cannot start {argv[0]}: {exc}")
         return 127
     asked: list[str] = []
+    # Lightning's rank 0, once asked: the HPC checkpoints there were before USR1, and where.
+    hpc_before: set[tuple[str, int]] | None = None
+    hpc_folders = [f for f in (run_dir, os.getcwd()) if f]
 
     def on_stop(signum: int, _frame: object) -> None:
+        nonlocal hpc_before
         name = signal.Signals(signum).name
         if child.poll() is not None:
             return
@@ -282,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return
+        if opts.first_only:
+            try:  # where the script is now: Lightning's default_root_dir by default
+                hpc_folders.append(os.readlink(f"/proc/{child.pid}/cwd"))
+            except OSError:
+                pass
+            hpc_before = _hpc_checkpoints(hpc_folders)
         print(f"launcher: rank {rank}: {name} -> SIG{stop_name} to the script", file=sys.stderr)
         child.send_signal(stop)
 
@@ -299,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     while (code := child.poll()) is None:
         if stop_file is not None and not asked and stop_file.exists():
             on_stop(signal.SIGUSR2, None)  # the host task relays a time limit or preemption
+        if run_dir and hpc_before is not None:
+            saved = sorted(_hpc_checkpoints(hpc_folders) - hpc_before)
+            if saved:
+                # Saved: Lightning would ask for the requeue now, had its barrier passed.
+                hpc_before = None
+                print(
+                    f"launcher: rank {rank}: Lightning saved {saved[-1][0]}; "
+                    "the host task need not wait out the grace",
+                    file=sys.stderr,
+                )
+                request_requeue(run_dir, rank, env.get("SLURM_RESTART_COUNT", "0"))
         time.sleep(0.2)
     if run_dir:
         stopped = {"stop_signal": stop_name, "stopped_by": asked[0]} if asked else {}
