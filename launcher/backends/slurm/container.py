@@ -93,7 +93,6 @@ else
     echo "launcher: rank $SLURM_PROCID on $node: inside the image ($marker: $got)" >&2
     exec env "$@"
 fi
-echo "launcher: rank ${SLURM_PROCID:-?}: $why" >&2
 rank=$(printf '%s' "${SLURM_PROCID:-}" | tr -cd 0-9)
 if [ -n "$rank" ] && [ -n "$LAUNCHER_RUN_DIR" ] && mkdir -p "$LAUNCHER_RUN_DIR/exits"; then
     now=$(date +%s)
@@ -105,6 +104,10 @@ if [ -n "$rank" ] && [ -n "$LAUNCHER_RUN_DIR" ] && mkdir -p "$LAUNCHER_RUN_DIR/e
     printf "{$fields}\n" "$rank" "$node" "$now" "$now" "${restart:-0}" "$job" "$why" >"$tmp" &&
         mv -f "$tmp" "$LAUNCHER_RUN_DIR/exits/rank$rank.json"
 fi
+echo "launcher: rank ${SLURM_PROCID:-?}: $why" >&2
+# The other ranks meet the same check at the same moment: the first exit 78 makes srun's
+# --kill-on-bad-exit kill them, which lost a rank's exit file (1 full-suite run in 3).
+sleep 2
 exit 78
 """
 
