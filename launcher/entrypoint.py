@@ -8,6 +8,7 @@ time: Slurm's rank wrapper imports it on every task, in containers too.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,41 +173,30 @@ _TRAINER_NAMES = ("Trainer", "LightningCLI")
 LIGHTNING_SCAN_FILES = 64
 
 
-def _imported(node: object) -> list[str]:
-    """The module names an import statement brings in, as Lightning detection sees them."""
+def _imported(node: object, here: Path) -> tuple[list[str], Path | None]:
+    """The dotted names an import statement may load (`from m import x`: m and m.x), and the
+    folder a relative import starts from (None for an absolute one)."""
     import ast
 
     if isinstance(node, ast.Import):
-        return [alias.name for alias in node.names]
-    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-        if node.module == "lightning":
-            # `from lightning import Trainer` is the Trainer; `... import fabric` is not.
-            names = [f"lightning.{a.name}" for a in node.names]
-            names = [n for n in names if n != "lightning.fabric"] or ["lightning.fabric"]
-            return ["lightning.pytorch" if n != "lightning.fabric" else n for n in names]
-        return [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-    return []
+        return [alias.name for alias in node.names], None
+    if not isinstance(node, ast.ImportFrom):
+        return [], None
+    module = node.module or ""
+    names = [module, *(f"{module}.{a.name}" if module else a.name for a in node.names)]
+    base = None
+    if node.level:
+        base = here.parent
+        for _ in range(node.level - 1):
+            base = base.parent
+    return [n for n in names if n], base
 
 
-def _local_files(node: object, here: Path, roots: list[Path]) -> list[Path]:
-    """The project's own files an import statement may load (found under `roots`, or next to
-    `here` for a relative import); never anything installed."""
-    import ast
-
-    names: list[str] = []
-    bases = roots
-    if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-    elif isinstance(node, ast.ImportFrom):
-        module = node.module or ""
-        names = [module, *(f"{module}.{a.name}" if module else a.name for a in node.names)]
-        if node.level:
-            base = here.parent
-            for _ in range(node.level - 1):
-                base = base.parent
-            bases = [base]
+def _local_files(names: list[str], bases: list[Path]) -> list[Path]:
+    """The project's own files those names are (found under `bases`); never anything
+    installed."""
     found = []
-    for name in filter(None, names):
+    for name in names:
         rel = Path(*name.split("."))
         for base in bases:
             for candidate in (base / f"{rel}.py", base / rel / "__init__.py"):
@@ -215,7 +205,31 @@ def _local_files(node: object, here: Path, roots: list[Path]) -> list[Path]:
     return found
 
 
+def _names_trainer(node: object) -> bool:
+    """Is this node the name `Trainer` / `LightningCLI` (a name, an attribute, an import)?"""
+    import ast
+
+    if isinstance(node, ast.Name):
+        return node.id in _TRAINER_NAMES
+    if isinstance(node, ast.Attribute):
+        return node.attr in _TRAINER_NAMES
+    if isinstance(node, ast.alias):
+        return node.name.rpartition(".")[2] in _TRAINER_NAMES
+    return False
+
+
 def imports_lightning(path: str | Path, roots: list[Path] | None = None) -> bool:
+    """`_scan_for_lightning`, once per file version: a plan asks for the stop signal in
+    several places (the rank wrapper, the dry-run text), a sweep once per point."""
+    try:
+        mtime = Path(path).stat().st_mtime_ns
+    except OSError:
+        return False
+    return _scan_for_lightning(str(path), tuple(str(r) for r in roots or ()), mtime)
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_for_lightning(path: str, roots: tuple[str, ...], _mtime_ns: int) -> bool:
     """Does this Python file, or a module of the project's own that it imports (found under
     `roots`, and next to the file; at most LIGHTNING_SCAN_FILES files), run Lightning's
     Trainer: import Lightning's Trainer package and name `Trainer` (or `LightningCLI`) in the
@@ -224,7 +238,7 @@ def imports_lightning(path: str | Path, roots: list[Path] | None = None) -> bool
     import ast
 
     start = Path(path)
-    roots = [start.parent, *(roots or [])]
+    bases = [start.parent, *map(Path, roots)]
     queue, seen = [start], set[Path]()
     while queue and len(seen) < LIGHTNING_SCAN_FILES:
         current = queue.pop(0)
@@ -238,15 +252,13 @@ def imports_lightning(path: str | Path, roots: list[Path] | None = None) -> bool
             continue
         lightning = trainer = False
         for node in ast.walk(tree):
-            if isinstance(node, ast.Name | ast.Attribute | ast.alias):
-                named = getattr(node, "id", None) or getattr(node, "attr", None)
-                named = named or getattr(node, "name", "").rpartition(".")[2]
-                trainer = trainer or named in _TRAINER_NAMES
-            if not isinstance(node, ast.Import | ast.ImportFrom):
-                continue
-            for name in _imported(node):
-                lightning = lightning or name == "lightning" or name.startswith(_LIGHTNING)
-            queue += _local_files(node, current, roots)
+            trainer = trainer or _names_trainer(node)
+            names, relative_to = _imported(node, current)
+            if relative_to is None:  # `from . import x` is never Lightning itself
+                lightning = lightning or any(
+                    n == "lightning" or n.startswith(_LIGHTNING) for n in names
+                )
+            queue += _local_files(names, [relative_to] if relative_to else bases)
         if lightning and trainer:
             return True
     return False

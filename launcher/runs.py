@@ -8,7 +8,6 @@ half-written record.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
 import json
@@ -17,13 +16,15 @@ import re
 import reprlib
 import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NotRequired, TypedDict, cast
 
 from launcher.errors import DamagedRecord, LauncherError, RunNotFound
-from launcher.files import open_regular
+from launcher.files import (
+    atomic_write_text,
+    open_regular,
+)
 
 RECORD = "record.json"
 CONFIG = "config.yaml"
@@ -49,48 +50,6 @@ def new_run_id() -> str:
 
 def run_dir_for(runs_dir: str | Path, name: str, run_id: str) -> Path:
     return Path(runs_dir) / slug(name) / run_id
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename in `folder` durable (the directory entry, not just the file)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(
-    path: str | Path,
-    write: Callable[[BinaryIO], object],
-    *,
-    prefix: str | None = None,
-    suffix: str = ".tmp",
-) -> None:
-    """Write through `write(fh)` into a temp file in the same folder, fsync, rename, fsync
-    the folder: a reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

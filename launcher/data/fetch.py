@@ -37,8 +37,8 @@ from launcher.data.paths import (
     url_filename,
 )
 from launcher.errors import DataError
-from launcher.files import file_kind, human_size, open_regular
-from launcher.runs import atomic_write_json, fsync_dir
+from launcher.files import file_kind, fsync_dir, human_size, open_regular
+from launcher.runs import atomic_write_json
 from launcher.spec import DataSourceSpec, DataSpec
 
 META = ".launcher"

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from launcher.errors import CheckpointError
-from launcher.files import human_size
-from launcher.runs import atomic_write
+from launcher.files import atomic_write, human_size
 
 PATTERN = re.compile(r"step-(\d+)\.pt")
 TMP_PREFIX = ".step-"

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from launcher import causes, runs
 from launcher.errors import RunNotFound
+from launcher.files import atomic_write_bytes
 from launcher.sweep import state
 
 # Up to this many distinct values of a key are plotted as evenly spaced categories.
@@ -171,7 +172,7 @@ def write_report(directory: Path, out_dir: Path, metric: str | None = None) -> t
     csv_path = out_dir / "report.csv"
     runs.atomic_write_text(csv_path, buf.getvalue())
     png_path = out_dir / "report.png"
-    runs.atomic_write_bytes(png_path, _plot(current, rows, keys, metric))
+    atomic_write_bytes(png_path, _plot(current, rows, keys, metric))
     return csv_path, png_path
 
 

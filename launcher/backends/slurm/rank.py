@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from launcher.entrypoint import rank_argv
+from launcher.files import atomic_write_text
 
 # Same value as launcher.runtime.REQUEUE_EXIT_CODE (EX_TEMPFAIL); not imported: no torch here.
 REQUEUE_EXIT_CODE = 75
@@ -145,9 +146,7 @@ def write_exit(
     if error:
         record["error"] = error
     record.update(extra)
-    tmp = exits / f".rank{rank}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, exits / f"rank{rank}.json")
+    atomic_write_text(exits / f"rank{rank}.json", json.dumps(record))
 
 
 def read_exits(run_dir: str | Path, restart: int | None = None) -> dict[int, dict]:
@@ -253,11 +252,8 @@ def _hpc_checkpoints(folders: list[str]) -> set[tuple[str, int]]:
 def request_requeue(run_dir: str | Path, rank: str, restart: str) -> None:
     """The request the `scontrol` shim writes for a rank (`<run_dir>/requeue/rank<N>-restart<R>`):
     the host task ends the grace and requeues once (or leaves it to Slurm)."""
-    folder = Path(run_dir) / REQUEUE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".rank{rank}-restart{restart}.tmp"
-    tmp.write_text(f"{int(time.time())}\n")
-    os.replace(tmp, folder / f"rank{rank}-restart{restart}")
+    path = Path(run_dir) / REQUEUE_DIR / f"rank{rank}-restart{restart}"
+    atomic_write_text(path, f"{int(time.time())}\n")
 
 
 def _loader_picks(env: dict[str, str]) -> dict[str, str]:
